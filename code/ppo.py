@@ -1,0 +1,1292 @@
+"""PPO for RLHF in one file: Actor, Reference, Reward and Critic, from rollout to clipped update.
+
+    python code/ppo.py                              # the offline demo: ~3 min on 2 CPU cores
+    python code/ppo.py --total_steps=50 --temperature=0.7
+    python code/ppo.py --help                       # every constant below, with its comment
+
+One PPO step = 1 rollout (sample replies to a batch of prompts) · 2 truncate at EOS + masks · 3 logprobs of actor
+and reference, critic values · 4 reward-model scores · 5 per-token KL-penalised rewards · 6 GAE advantages ·
+7 PPO epochs of clipped policy + value updates over minibatches · 8 log, adapt the KL coefficient β, save samples.
+
+Everything the run writes goes under OUTPUT_DIR, read in this order:
+    ppo_metrics/summary.json          the run at a glance: before/after evaluation, health verdicts, timings
+    ppo_metrics/training_curves.png   reward, KL against its target, β, losses, clipfrac, entropy, lengths
+    ppo_metrics/training_metrics.csv  one row per PPO step (TRL's metric names where TRL has one)
+    ppo_metrics/config.json, samples.jsonl,  ppo_model/actor, ppo_model/critic
+The design notes are ../shared/mission/seed-ppo.md; each detail cites its source in a comment.
+"""
+import csv
+import difflib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+matplotlib.use("Agg")  # write PNGs without a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+# ---- config (edit me, or override any constant as --name=value) ---------------------------------------------------
+# models: the four roles
+ACTOR_MODEL = "data/models/demo-sft"     # Actor (policy, trained): SFT causal LM, local path or hub name
+REF_MODEL = ""                           # Reference (frozen SFT copy for the KL leash); "" = ACTOR_MODEL
+REWARD_MODEL = "data/models/demo-rm"     # Reward model (frozen judge): sequence classification, one output
+CRITIC_MODEL = ""                        # Critic (value model, trained; its score head is the value head); "" = REWARD_MODEL
+# data
+PROMPT_FILE = "data/ppo_prompts.json"    # Alpaca JSON or JSONL: instruction (+ optional input); output is never trained on
+MAX_PROMPT_TOKENS = 128                  # longer prompts are dropped, with a warning (7B: 512-1024)
+# generation
+MAX_NEW_TOKENS = 48                      # reply length limit in tokens (7B: 256-512)
+TEMPERATURE = 1.0                        # sampling temperature, also applied to every logprob (7B: 0.7-1.0)
+MISSING_EOS_PENALTY = 0.0                # subtracted from the score of a reply cut off without EOS (0 = off; TRL's meaning)
+# PPO
+TOTAL_STEPS = 250                        # PPO steps = rollout batches (7B: a few hundred to a few thousand)
+MINI_BATCH_SIZE = 8                      # sequences per forward/backward (per process)
+GRAD_ACCUM = 1                           # micro-batches per optimizer step
+PPO_BUFFER_SIZE = 2                      # optimizer steps per PPO epoch; rollout batch = MINI_BATCH_SIZE*GRAD_ACCUM*this (7B: 1)
+PPO_EPOCHS = 4                           # passes over each rollout batch (7B: 4)
+PPO_TARGET = 6.0                         # KL target of the adaptive controller, nats per reply (7B: 6.0)
+ADAPTIVE_KL = True                       # adapt β towards PPO_TARGET (Ziegler et al. 2019); False keeps β = INIT_KL_COEF
+INIT_KL_COEF = 0.1                       # initial β, the KL coefficient (TRL-old 0.2, OAI 0.15, N+ and TRL-new 0.05 fixed)
+KL_HORIZON = 1000                        # controller horizon in episodes; smaller adapts faster (7B: 10000, OAI's value)
+KL_ESTIMATOR = "k1"                      # per-token KL in the reward: "k1" = logp - logp_ref (unbiased), "k3" = (r-1) - log r
+GAMMA = 1.0                              # discount in GAE
+LAM = 0.95                               # GAE λ
+CLIP_RANGE = 0.2                         # ε of the clipped surrogate objective
+CLIP_RANGE_VALUE = 0.2                   # clip of the value update around the rollout values (reward units)
+VF_COEF = 0.1                            # weight of the value loss in the joint loss
+SCORE_NORM = False                       # whiten RM scores with running mean/std before use (PPO-max)
+SCORE_CLIP = 0.0                         # clip scores to ±this after normalisation (0 = off; PPO-max 10)
+# optimisation
+LEARNING_RATE = 3e-5                     # AdamW, actor and critic (7B: 1e-6)
+ADAM_EPS = 1e-5                          # AdamW ε (N+ and OAI use 1e-5; PyTorch default 1e-8)
+WEIGHT_DECAY = 0.0                       # AdamW weight decay
+MAX_GRAD_NORM = 1.0                      # clip the joint gradient norm of actor + critic (0 = off)
+SEED = 0                                 # seeds python, numpy and torch: a CPU run is repeatable
+DEVICE = "auto"                          # "auto" = cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
+DTYPE = "auto"                           # "auto" = bfloat16 on a GPU that supports it, float32 elsewhere; or "float32"
+GRADIENT_CHECKPOINTING = False           # recompute activations in the backward of actor and critic: less memory, ~30% slower
+OFFLOAD_FROZEN = False                   # keep reference and reward model on the CPU between uses (frees GPU memory)
+DISTRIBUTED = "ddp"                      # under torchrun: "ddp" (a copy per GPU) or "fsdp" (FSDP2: shard actor and critic)
+# evaluation
+EVAL_FILE = "data/ppo_eval.json"         # held-out prompts, same format; "" = no evaluation
+EVAL_EVERY = 50                          # evaluate every this many steps (and before and after training; 0 = only those)
+EVAL_SIZE = 200                          # held-out prompts used (0 = all)
+GOLD_REWARD = "data/demo_gold_reward.py" # file with score(prompts, responses) -> list[float]; measured, never trained on
+# output
+OUTPUT_DIR = "output"                    # ppo_metrics/ and ppo_model/ go here
+SAMPLE_EVERY = 25                        # write a few rollout samples to samples.jsonl every this many steps
+SAVE_MODEL = True                        # save the final actor and critic to OUTPUT_DIR/ppo_model/
+
+CONFIG_KEYS = [k for k in list(globals()) if k.isupper() and not k.startswith("_")]
+INVALID_LOGPROB = 1.0  # stored at masked (post-EOS) slots of both logprob tensors, so every KL estimator gives 0 there (N+)
+
+
+class ConfigError(Exception):
+    """An expected mistake in the user's input: reported as one line, exit code 2, no traceback."""
+
+
+# ---- command line: --name=value overrides, --help ------------------------------------------------------------------
+def config_comments():
+    """{NAME: comment} read from the config block above, so --help is the config block itself."""
+    out = {}
+    with open(os.path.abspath(__file__), encoding="utf-8") as f:
+        for line in f:
+            m = re.match(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.*)$", line)
+            if m and m.group(1) in CONFIG_KEYS:
+                out[m.group(1)] = m.group(2)
+    return out
+
+
+def parse_value(name, text, default):
+    """Parse `text` with the type of the constant's default value."""
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name.lower()}={text}: expected true or false")
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--{name.lower()}={text}: expected {type(default).__name__} like {default!r}") from None
+    return text
+
+
+def parse_overrides(argv, config):
+    """`--name=value` (case-insensitive names) -> {NAME: typed value}. Unknown names name their close matches."""
+    out = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"cannot read argument {arg!r}: overrides look like --total_steps=100 (see --help)")
+        name, text = arg[2:].split("=", 1)
+        key = name.upper().replace("-", "_")
+        if key not in config:
+            close = difflib.get_close_matches(key, list(config), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join('--' + c.lower() for c in close)}?" if close else "; see --help"
+            raise ConfigError(f"unknown setting --{name}{hint}")
+        out[key] = parse_value(key, text, config[key])
+    return out
+
+
+def print_help(config):
+    print(__doc__.split("\n\n")[0] + "\n\nSettings (--name=value; the default follows each name):")
+    comments = config_comments()
+    for k in CONFIG_KEYS:
+        print(f"  --{k.lower():<22} {config[k]!r:<28} {comments.get(k, '')}")
+
+
+def check_config(c):
+    """Derived values and the bounds every setting must respect; returns the rollout batch size."""
+    for k in ("MINI_BATCH_SIZE", "GRAD_ACCUM", "PPO_BUFFER_SIZE", "PPO_EPOCHS", "MAX_NEW_TOKENS", "MAX_PROMPT_TOKENS"):
+        if c[k] < 1:
+            raise ConfigError(f"{k} = {c[k]} must be a positive integer")
+    if c["TOTAL_STEPS"] < 0 or c["EVAL_EVERY"] < 0 or c["SAMPLE_EVERY"] < 0 or c["EVAL_SIZE"] < 0:
+        raise ConfigError("TOTAL_STEPS, EVAL_EVERY, SAMPLE_EVERY and EVAL_SIZE must be >= 0")
+    for k in ("PPO_TARGET", "TEMPERATURE", "KL_HORIZON", "LEARNING_RATE"):
+        if not c[k] > 0:
+            raise ConfigError(f"{k} = {c[k]} must be > 0")
+    for k in ("INIT_KL_COEF", "CLIP_RANGE", "CLIP_RANGE_VALUE", "VF_COEF", "MAX_GRAD_NORM", "SCORE_CLIP",
+              "MISSING_EOS_PENALTY", "WEIGHT_DECAY"):
+        if c[k] < 0:
+            raise ConfigError(f"{k} = {c[k]} must be >= 0")
+    if c["KL_ESTIMATOR"] not in ("k1", "k3"):
+        raise ConfigError(f"KL_ESTIMATOR = {c['KL_ESTIMATOR']!r} must be 'k1' or 'k3'")
+    if not 0 <= c["LAM"] <= 1 or not 0 <= c["GAMMA"] <= 1:
+        raise ConfigError("GAMMA and LAM must lie in [0, 1]")
+    if c["DTYPE"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"DTYPE = {c['DTYPE']!r} must be auto, float32, bfloat16 or float16")
+    return c["MINI_BATCH_SIZE"] * c["GRAD_ACCUM"] * c["PPO_BUFFER_SIZE"]
+
+
+# ---- distributed: under torchrun every reduction spans all ranks; in one process each is the identity ------------------
+def dist_on():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size():
+    return torch.distributed.get_world_size() if dist_on() else 1
+
+
+def all_reduce_sum(t):
+    if dist_on():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_mean(values):
+    """{name: float} averaged over ranks, so every rank logs (and acts on) the same numbers."""
+    if not dist_on():
+        return values
+    keys = list(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = all_reduce_sum(t.to(DIST_DEVICE)) / torch.distributed.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def all_gather_list(items):
+    """Concatenate a Python list across ranks, in rank order."""
+    if not dist_on():
+        return items
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+DIST_DEVICE = torch.device("cpu")  # where collectives run: the rank's GPU under NCCL, set in train()
+
+
+# ---- math: masked statistics, KL, rewards, GAE, losses, KL controller (pure functions, tested alone) -----------------
+def masked_mean(x, mask, dim=None):
+    """Mean of x over positions where mask is true (along dim, or over everything); NaN in masked slots is ignored."""
+    total = torch.where(mask, x, 0.0).sum() if dim is None else torch.where(mask, x, 0.0).sum(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return total / count.clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
+    """(x - mean) / std over masked positions (biased variance, as OAI and N+); masked slots become 0.
+    Under torchrun the moments span the whole rollout batch of all ranks."""
+    x = torch.where(mask, x, 0.0)
+    moments = all_reduce_sum(torch.stack([x.sum(), (x * x).sum(), mask.sum().to(x.dtype)]).double())
+    mean = (moments[0] / moments[2]).to(x.dtype)
+    var = (moments[1] / moments[2] - (moments[0] / moments[2]) ** 2).clamp(min=0).to(x.dtype)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, 0.0)
+
+
+def kl_per_token(logprobs, ref_logprobs, estimator="k1"):
+    """Per-token estimate of KL(π‖π_ref) from tokens sampled from π (http://joschu.net/blog/kl-approx.html).
+    k1 = logp - logp_ref: unbiased, can be negative per token; as a reward its gradient is the exact KL gradient.
+    k3 = (r - 1) - log r with r = p_ref/p: unbiased and never negative, lower variance."""
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def truncate_after_eos(responses, eos_id, pad_id):
+    """Keep each response up to and including its first EOS; later tokens become PAD.
+    Returns (responses, mask): mask is True on real tokens. Worked example (E = EOS, P = PAD):
+        sampled   [a b E c d]  ->  responses [a b E P P], mask [1 1 1 0 0]
+        sampled   [a b c d e]  ->  responses [a b c d e], mask [1 1 1 1 1]   (no EOS: cut at MAX_NEW_TOKENS)"""
+    is_eos = responses == eos_id
+    after_first_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return responses.masked_fill(after_first_eos, pad_id), ~after_first_eos
+
+
+def last_index(mask):
+    """Index of the last True in each row (the last real token); 0 for an all-False row."""
+    idx = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, idx, -1).max(1).values.clamp(min=0)
+
+
+def compute_rewards(scores, logprobs, ref_logprobs, mask, beta, estimator="k1"):
+    """Per-token reward r_t = -β·KL_t on every real token, plus the RM score at the last real token.
+    The seed's Reward_total = Reward_RM - β·KL(π‖π_ref): the KL penalty is the leash to the reference.
+    Score position: the last real token (the EOS when there is one), as TRL-old, OpenRLHF and MOSS do. N+ and
+    TRL-new put it one slot later (EOS+1) and train the value there too; with γ = λ = 1 both give the same
+    advantages. We keep the score on a token the policy actually chose, so every mask is the response mask.
+    Returns (rewards, kl, non_score_reward), all [B, T] and zero at masked slots."""
+    kl = torch.where(mask, kl_per_token(logprobs, ref_logprobs, estimator), 0.0)
+    non_score_reward = -beta * kl
+    rewards = non_score_reward.clone()
+    rewards[torch.arange(len(scores)), last_index(mask)] += scores
+    return rewards, kl, non_score_reward
+
+
+def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2015), reverse recursion over the response:
+        δ_t = r_t + γ·V_{t+1} - V_t,   A_t = δ_t + γλ·A_{t+1},   returns_t = A_t + V_t
+    with V = 0 and A = 0 after the last real token: the episode ends at EOS, no bootstrap (every anchor does this,
+    also for replies cut at MAX_NEW_TOKENS). Masks must be contiguous from position 0, as after truncate_after_eos.
+    Advantage = actual score - expected score: the Critic's V_t is the expectation the Reward is compared with."""
+    rewards, values = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0)
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(next_adv)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = delta + gamma * lam * next_adv
+        advantages[:, t] = next_adv
+    advantages = torch.where(mask, advantages, 0.0)
+    return advantages, advantages + values
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
+    """The clipped surrogate objective (Schulman et al. 2017), as a loss to minimise:
+        L = -E_t[min(r_t·A_t, clip(r_t, 1-ε, 1+ε)·A_t)],  r_t = π_θ(a_t|s_t) / π_old(a_t|s_t)
+    min is the pessimistic choice: a big advantage cannot push the ratio past 1±ε, and a wrong step is pulled back.
+    Written as max of the negated terms. Returns (loss, stats): clipfrac (share of tokens where the clip is active),
+    approxkl (k2 = ½·mean(log r²), Schulman's estimate of KL(π_old‖π_θ)), mean ratio."""
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((pg_losses_clipped > pg_losses).float(), mask),
+                 "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
+                 "ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip_range=0.2):
+    """Clipped value loss: ½·E[max((V - R)², (clip(V, V_old ± c) - R)²)] (OAI, N+, TRL). Returns (loss, clipfrac)."""
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    losses = (values - returns) ** 2
+    losses_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask)
+    return loss, masked_mean((losses_clipped > losses).float(), mask).detach()
+
+
+def entropy_from_logits(logits):
+    """Exact entropy of softmax(logits) per position: logsumexp(l) - Σ softmax(l)·l."""
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019 (OAI lm-human-preferences): β moves towards the value that keeps KL at the target.
+        e = clip(KL / target - 1, -0.2, 0.2),   β ← β·(1 + e·n_steps / horizon)
+    KL is the batch mean of the per-reply KL sum (nats per reply); n_steps is the number of episodes just trained."""
+
+    def __init__(self, init_kl_coef, target, horizon, adaptive=True):
+        self.value, self.target, self.horizon, self.adaptive = init_kl_coef, target, horizon, adaptive
+
+    def update(self, current_kl, n_steps):
+        if self.adaptive:
+            error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+class RunningMoments:
+    """Running mean and std of all scores seen so far (Chan et al. parallel update), for SCORE_NORM."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x):
+        n, m, v = x.numel(), x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = m - self.mean
+        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+
+def repetition_rate(tokens):
+    """Share of a reply's token trigrams that already occurred earlier in it (0 = no repetition; 复读机 -> 1)."""
+    tri = list(zip(tokens, tokens[1:], tokens[2:]))
+    return 1.0 - len(set(tri)) / len(tri) if tri else 0.0
+
+
+# ---- models: loading the four roles; logprobs, values and scores ----------------------------------------------------
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"DEVICE = {name!r} but CUDA is not available here; use --device=cpu or --device=auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("DEVICE = 'mps' but MPS is not available here; use --device=cpu or --device=auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"DEVICE = {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def autocast(device, dtype):
+    """Forward passes in `dtype` (bf16 on GPUs) with fp32 weights; a no-op in fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def check_model_path(path, role):
+    """A local folder must exist; anything shaped like a hub name ("org/name") is left to from_pretrained."""
+    if not path:
+        raise ConfigError(f"{role}: no model path given")
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(path)
+    if looks_local and not os.path.isdir(path):
+        raise ConfigError(f"{role}: model folder {path!r} not found; give a local folder with config.json, or a hub "
+                          f"name like Qwen/Qwen2.5-0.5B-Instruct (on a machine that reaches the hub)")
+
+
+def load_model(kind, path, role, device, dtype, fresh_value_head=False):
+    """from_pretrained by local path or hub name (never trust_remote_code), with clear errors for the usual mistakes.
+    kind "causal" -> the HF causal LM; kind "score" -> ScoreModel around a ...ForSequenceClassification model with one
+    output. fresh_value_head: build the score model from a causal LM checkpoint with a zero-initialised head (V = 0
+    at the start, as OAI's value head), for a critic that must read the actor's tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    check_model_path(path, role)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{role}: cannot load {path!r} ({str(e).splitlines()[0][:160]}); offline, download the "
+                          f"model once and pass its local folder") from None
+    archs = config.architectures or []
+    if kind == "causal" and archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ConfigError(f"{role}: {path!r} is a {archs[0]}, not a causal LM; the actor and reference must be "
+                          f"...ForCausalLM models (the reward model goes in REWARD_MODEL)")
+    if kind == "score" and archs and not fresh_value_head and not any("ForSequenceClassification" in a for a in archs):
+        raise ConfigError(f"{role}: {path!r} is a {archs[0]}, not a sequence-classification model with one output; "
+                          f"give a reward model (...ForSequenceClassification, num_labels = 1)")
+    for key, value in config.to_dict().items():  # no dropout in any role (Ziegler et al. 2019; N+ disable_dropout)
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+    if kind == "score":
+        config.num_labels = 1 if fresh_value_head else config.num_labels
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    try:
+        model = auto.from_pretrained(path, config=config, dtype=dtype)
+    except ValueError as e:
+        what = "a causal LM (a ...ForCausalLM model)" if kind == "causal" else "a sequence-classification model"
+        raise ConfigError(f"{role}: {path!r} ({type(config).__name__}) cannot be loaded as {what}: "
+                          f"{str(e).splitlines()[0][:120]}") from None
+    for m in model.modules():  # modules that copied their rate before the config was changed
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if kind == "causal":
+        return model.to(device).eval()
+    if model.config.num_labels != 1:
+        raise ConfigError(f"{role}: {path!r} has {model.config.num_labels} outputs; a reward or value model needs "
+                          f"exactly one (num_labels = 1)")
+    if not hasattr(model, "score"):
+        raise ConfigError(f"{role}: {type(model).__name__} has no `score` head; use a decoder "
+                          f"...ForSequenceClassification model (GPT-2, Llama, Qwen2, ...)")
+    if fresh_value_head:
+        with torch.no_grad():
+            model.score.weight.zero_()
+            if getattr(model.score, "bias", None) is not None:
+                model.score.bias.zero_()
+    return ScoreModel(model).to(device).eval()
+
+
+def load_tokenizer(path, role):
+    from transformers import AutoTokenizer
+    check_model_path(path, role)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{role}: cannot load the tokenizer of {path!r} ({str(e).splitlines()[0][:160]})") from None
+    notes = []
+    if tok.eos_token_id is None:
+        raise ConfigError(f"{role}: the tokenizer of {path!r} has no EOS token; set eos_token in its tokenizer_config")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # PAD must differ from EOS, or `ids != PAD` hides every real EOS (implementation details #1). Add a new
+        # [PAD] token; it is never sampled (its row is never attended to and its id is masked from every loss).
+        tok.add_special_tokens({"pad_token": "<|ppo_pad|>"})
+        notes.append(f"{role}: the tokenizer had no pad token distinct from EOS; added <|ppo_pad|> "
+                     f"(id {tok.pad_token_id}) for padding only")
+    return tok, notes
+
+
+def freeze(model):
+    """Reference and reward model: eval(), no gradients, no optimizer state."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def frozen_forward(model, fn, *args):
+    """fn(model, *args) for a frozen model, under inference_mode. A model kept on the CPU between uses
+    (OFFLOAD_FROZEN) visits the inputs' device for the call. The result is cloned outside inference_mode so that
+    later autograd ops may read it."""
+    device = args[0].device
+    visiting = next(model.parameters()).device != device
+    if visiting:
+        model.to(device)
+    with torch.inference_mode():
+        out = fn(model, *args)
+    if visiting:
+        model.to("cpu")
+    return out.clone()
+
+
+def position_ids_of(attention_mask):
+    """Positions that count real tokens only, so left padding does not shift them (implementation details #2)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def model_inputs(ids, attention_mask):
+    """Pad slots -> id 0 before the embedding lookup: an added pad token may lie beyond the embedding table, and
+    masked slots are never attended to, so any valid id will do (N+, TRL)."""
+    return ids.masked_fill(~attention_mask.bool(), 0)
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, temperature, with_entropy=False):
+    """Log π(token_t | earlier tokens) of every response token, from temperature-scaled logits (OAI, N+).
+    Token t is predicted at position t-1, so the response's logits are logits[:, ctx-1:-1] (implementation
+    details #5); only those T+1 positions are projected to the vocabulary (logits_to_keep). Log-softmax in fp32
+    whatever the weights' dtype; logsumexp-and-gather never materialises the full [B, T, V] log-probabilities."""
+    T = query_responses.shape[1] - context_length
+    out = model(input_ids=model_inputs(query_responses, attention_mask), attention_mask=attention_mask,
+                position_ids=position_ids_of(attention_mask), logits_to_keep=T + 1, use_cache=False)
+    logits = out.logits[:, :-1].float() / temperature                                   # [B, T, V]
+    tokens = model_inputs(query_responses, attention_mask)[:, context_length:]
+    logprobs = logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    if not with_entropy:
+        return logprobs
+    with torch.no_grad():
+        return logprobs, entropy_from_logits(logits)
+
+
+class ScoreModel(torch.nn.Module):
+    """A ...ForSequenceClassification model (reward model or critic) read as scalars at the positions we choose:
+    backbone + `score` head. positions: a [B] index tensor -> [B] (one per row), or a slice -> [B, len].
+    (The model's own pooling guesses the last real token from pad ids; we know it.) A module of its own so that
+    DDP and FSDP wrap exactly what the critic's training forward runs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, positions):
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(input_ids=model_inputs(input_ids, attention_mask), attention_mask=attention_mask,
+                          position_ids=position_ids_of(attention_mask), use_cache=False).last_hidden_state
+        if isinstance(positions, slice):
+            return self.model.score(hidden[:, positions]).squeeze(-1).float()
+        return self.model.score(hidden[torch.arange(len(hidden), device=hidden.device), positions]).squeeze(-1).float()
+
+
+def critic_values(critic, query_responses, attention_mask, context_length):
+    """V_t, the value of the state *before* response token t: the same ctx-1:-1 slice as the logprobs (OAI, N+)."""
+    return critic(query_responses, attention_mask, slice(context_length - 1, -1))
+
+
+def left_pad(rows, pad_id, device):
+    """Id lists -> left-padded (ids, attention_mask): every prompt ends at the same column, replies start after it."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = True
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample_responses(model, queries, query_mask, max_new_tokens, temperature, eos_id, pad_id, sync_stop=False):
+    """Exact on-policy sampling with a KV cache: softmax(logits / T), no top-k, top-p or repetition penalty, so the
+    behaviour policy is the π in the ratio and the KL (implementation details #3). Rows that have emitted EOS get
+    PAD afterwards; the loop stops when every row has (with sync_stop, every row of every rank: a sharded FSDP
+    model needs all ranks in each forward). Returns [B, ≤ max_new_tokens] token ids."""
+    mask = query_mask.long()
+    positions = position_ids_of(mask)
+    out = model(input_ids=model_inputs(queries, mask), attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    done = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    tokens = []
+    positions = positions[:, -1:]
+    for _ in range(max_new_tokens):
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, -1)
+        nxt = torch.multinomial(probs, 1).squeeze(1)
+        nxt = torch.where(done, pad_id, nxt)
+        tokens.append(nxt)
+        mask = torch.cat([mask, (~done).long()[:, None]], 1)
+        done |= nxt == eos_id
+        if len(tokens) == max_new_tokens:
+            break
+        if sync_stop:
+            if all_reduce_sum((~done).sum().reshape(1)).item() == 0:
+                break
+        elif done.all():
+            break
+        positions = positions + 1
+        out = model(input_ids=model_inputs(nxt[:, None], mask[:, -1:]), attention_mask=mask, position_ids=positions,
+                    cache=out.cache, use_cache=True)
+    return torch.stack(tokens, 1)
+
+
+class RewardScorer:
+    """Scores prompt + reply with the frozen reward model at its last real token (implementation details #10).
+    Same tokenizer as the actor: the actor's ids are scored as they are. Different tokenizer: the reply is decoded
+    (up to its EOS) and the conversation re-tokenised by the RM's tokenizer, through its chat template when it has
+    one (prompt as user turn, reply as assistant turn), with the RM's EOS only when the reply ended with EOS."""
+
+    def __init__(self, model, tok, actor_tok, device):
+        self.model, self.tok, self.actor_tok, self.device = model, tok, actor_tok, device
+        self.same_tokenizer = tok.get_vocab() == actor_tok.get_vocab()
+
+    def rm_ids(self, user_text, reply, ended):
+        """RM token ids of one conversation: the same layout the actor's ids have (templated prompt with the
+        generation prompt, then the reply, then EOS only if the reply ended), in the RM's own tokens."""
+        prompt = format_prompt(self.tok, user_text)
+        ids = self.tok(prompt, add_special_tokens=not self.tok.chat_template)["input_ids"] \
+            + self.tok(reply, add_special_tokens=False)["input_ids"]
+        return ids + [self.tok.eos_token_id] if ended else ids
+
+    def __call__(self, query_responses, attention_mask, context_length, user_texts, replies, ended):
+        if self.same_tokenizer:
+            return frozen_forward(self.model, ScoreModel.__call__, query_responses, attention_mask,
+                                  last_index(attention_mask))
+        ids, mask = left_pad([self.rm_ids(u, r, e) for u, r, e in zip(user_texts, replies, ended)],
+                             self.tok.pad_token_id, self.device)
+        return frozen_forward(self.model, ScoreModel.__call__, ids, mask, last_index(mask))
+
+
+def load_gold(path):
+    """score(prompts, responses) -> list[float] from a Python file; checked on every call."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"GOLD_REWARD file {path!r} not found; give a .py file with score(prompts, responses), "
+                          f"or --gold_reward= to turn it off")
+    spec = importlib.util.spec_from_file_location("gold_reward", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # the user's file: any import error is theirs to fix, reported in one line
+        raise ConfigError(f"GOLD_REWARD {path!r} failed to import: {type(e).__name__}: {e}") from None
+    if not callable(getattr(mod, "score", None)):
+        raise ConfigError(f"GOLD_REWARD {path!r} has no function score(prompts, responses)")
+
+    def score(prompts, responses):
+        out = [float(x) for x in mod.score(prompts, responses)]
+        if len(out) != len(responses):
+            raise ConfigError(f"GOLD_REWARD {path!r}: score() returned {len(out)} values for {len(responses)} replies")
+        if not all(math.isfinite(x) for x in out):
+            raise ConfigError(f"GOLD_REWARD {path!r}: score() returned NaN or infinity")
+        return out
+    return score
+
+
+# ---- data: prompt file -> prompts -------------------------------------------------------------------------------------
+def read_records(path, what):
+    """Alpaca records from a JSON list or JSONL file; each needs 'instruction' ('input' optional, 'output' unused)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r} not found; give a JSON or JSONL file of {{\"instruction\", \"input\"}} records")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        rows = json.loads(text)
+        rows = [rows] if isinstance(rows, dict) else rows
+    except json.JSONDecodeError:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise ConfigError(f"{what} {path!r} is neither JSON nor JSONL; expected a list of "
+                              f"{{\"instruction\", \"input\"}} records") from None
+    if not isinstance(rows, list) or not rows:
+        raise ConfigError(f"{what} {path!r} holds no records; expected a non-empty list of {{\"instruction\", ...}}")
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not isinstance(r.get("instruction"), str)]
+    if bad:
+        raise ConfigError(f"{what} {path!r}: record {bad[0]} (and {len(bad) - 1} more) has no 'instruction' text")
+    return rows
+
+
+def user_text(record):
+    """User turn = instruction, newline, input (LLaMA-Factory's Alpaca conversion)."""
+    inp = record.get("input") or ""
+    return record["instruction"] + ("\n" + inp if inp else "")
+
+
+def format_prompt(tok, text):
+    """The prompt the actor sees: its chat template with the generation prompt, or plain text for base models."""
+    if tok.chat_template:
+        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return text + "\n"
+
+
+def load_prompts(path, tok, max_tokens, what, log=print):
+    """-> list of (user_text, prompt_text, prompt_ids); prompts over max_tokens are dropped with a warning."""
+    rows = read_records(path, what)
+    out = []
+    for r in rows:
+        text = format_prompt(tok, user_text(r))
+        ids = tok(text, add_special_tokens=not tok.chat_template)["input_ids"]
+        if len(ids) <= max_tokens:
+            out.append((user_text(r), text, ids))
+    if not out:
+        raise ConfigError(f"{what} {path!r}: all {len(rows)} prompts are longer than MAX_PROMPT_TOKENS = {max_tokens}; "
+                          f"raise --max_prompt_tokens")
+    if len(out) < len(rows):
+        log(f"warning: {what} {path}: dropped {len(rows) - len(out)} of {len(rows)} prompts longer than "
+              f"MAX_PROMPT_TOKENS = {max_tokens}")
+    return out
+
+
+# ---- rollout: steps 1-6 of a PPO step ----------------------------------------------------------------------------------
+def rollout(actor, ref, critic, scorer, tok, prompts, c, device, beta, score_moments=None, sync_stop=False):
+    """Steps 1-6 for this rank's share of a rollout batch. Returns a dict of [B, T] tensors (names as in N+/TRL)
+    and per-reply info."""
+    t0 = time.perf_counter()
+    # 1 rollout: sample replies to left-padded prompts
+    queries, query_mask = left_pad([p[2] for p in prompts], tok.pad_token_id, device)
+    ctx = queries.shape[1]
+    sampled = sample_responses(actor, queries, query_mask, c["MAX_NEW_TOKENS"], c["TEMPERATURE"],
+                               tok.eos_token_id, tok.pad_token_id, sync_stop)
+    # 2 truncate after the first EOS; response mask (True on real tokens, EOS included)
+    responses, mask = truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
+    query_responses = torch.cat([queries, responses], 1)
+    attention_mask = torch.cat([query_mask, mask], 1)
+    ended = (responses == tok.eos_token_id).any(1)
+    t_generate = time.perf_counter() - t0
+
+    # 3 old logprobs (actor before this step's updates), reference logprobs, critic values
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logprobs = response_logprobs(actor, query_responses, attention_mask, ctx, c["TEMPERATURE"])
+        values = critic_values(critic, query_responses, attention_mask, ctx)
+    ref_logprobs = frozen_forward(ref, response_logprobs, query_responses, attention_mask, ctx, c["TEMPERATURE"])
+    logprobs = torch.where(mask, logprobs, INVALID_LOGPROB)
+    ref_logprobs = torch.where(mask, ref_logprobs, INVALID_LOGPROB)
+
+    # 4 reward-model score of prompt + reply, read at the last real token
+    replies = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(responses.cpu(), mask.cpu())]
+    raw_scores = scorer(query_responses, attention_mask, ctx, [p[0] for p in prompts], replies, ended.tolist())
+    scores = raw_scores - c["MISSING_EOS_PENALTY"] * (~ended).float()
+    if score_moments is not None:  # SCORE_NORM: running whitening of the score (PPO-max)
+        score_moments.update(torch.tensor(all_gather_list(scores.tolist())))
+        scores = (scores - score_moments.mean) / math.sqrt(score_moments.var + 1e-8)
+    if c["SCORE_CLIP"] > 0:
+        scores = scores.clamp(-c["SCORE_CLIP"], c["SCORE_CLIP"])
+
+    # 5 per-token reward: -β·KL_t everywhere, + score at the last real token
+    rewards, kl, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, mask, beta, c["KL_ESTIMATOR"])
+    # 6 GAE; returns before whitening; advantages whitened over real tokens of the whole batch (N+, TRL), all ranks
+    advantages, returns = compute_gae(rewards, values, mask, c["GAMMA"], c["LAM"])
+    advantages = masked_whiten(advantages, mask)
+    return {
+        "query_responses": query_responses, "attention_mask": attention_mask, "context_length": ctx,
+        "responses": responses, "mask": mask, "ended": ended, "logprobs": logprobs, "ref_logprobs": ref_logprobs,
+        "values": values, "scores": scores, "raw_scores": raw_scores, "rewards": rewards, "kl": kl,
+        "non_score_reward": non_score_reward, "advantages": advantages, "returns": returns, "replies": replies,
+        "time_generate": t_generate, "time_score": time.perf_counter() - t0,
+    }
+
+
+# ---- PPO update: step 7 ------------------------------------------------------------------------------------------------
+def ppo_update(actor, critic, optimizer, params, batch, c):
+    """PPO_EPOCHS passes over freshly shuffled minibatches of the rollout; one optimizer step per minibatch of
+    MINI_BATCH_SIZE·GRAD_ACCUM sequences (GRAD_ACCUM micro-batches, shared out over the ranks under torchrun).
+    Losses are token means per micro-batch, averaged over the micro-batches of a step (N+, TRL); DDP/FSDP average
+    the gradients over ranks. actor and critic are what the training forward runs (DDP/FSDP-wrapped or plain);
+    train() mode only matters for gradient checkpointing, as every dropout is 0. Returns every micro-batch's stats."""
+    B, ctx = len(batch["responses"]), batch["context_length"]
+    grad_accum = c["GRAD_ACCUM"] // world_size()
+    mb, per_step = c["MINI_BATCH_SIZE"], c["MINI_BATCH_SIZE"] * grad_accum
+    actor.train(), critic.train()
+    stats = []
+    for _ in range(c["PPO_EPOCHS"]):
+        order = torch.randperm(B)
+        for start in range(0, B, per_step):
+            for micro in range(start, start + per_step, mb):
+                idx = order[micro:micro + mb].to(batch["responses"].device)
+                m = batch["mask"][idx]
+                new_logprobs, entropy = response_logprobs(actor, batch["query_responses"][idx],
+                                                          batch["attention_mask"][idx], ctx, c["TEMPERATURE"],
+                                                          with_entropy=True)
+                new_values = critic_values(critic, batch["query_responses"][idx], batch["attention_mask"][idx], ctx)
+                pg_loss, pg = policy_loss(new_logprobs, batch["logprobs"][idx], batch["advantages"][idx], m,
+                                          c["CLIP_RANGE"])
+                vf_loss, vf_clipfrac = value_loss(new_values, batch["values"][idx], batch["returns"][idx], m,
+                                                  c["CLIP_RANGE_VALUE"])
+                loss = (pg_loss + c["VF_COEF"] * vf_loss) / grad_accum
+                loss.backward()
+                stats.append({"policy/approxkl_avg": pg["approxkl"].item(), "policy/clipfrac_avg": pg["clipfrac"].item(),
+                              "policy/entropy_avg": masked_mean(entropy, m).item(),
+                              "loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
+                              "val/clipfrac_avg": vf_clipfrac.item(), "val/ratio": pg["ratio"].item()})
+            if c["MAX_GRAD_NORM"] > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, c["MAX_GRAD_NORM"])
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats[-1]["policy/grad_norm"] = getattr(grad_norm, "full_tensor", lambda: grad_norm)().item()  # FSDP: DTensor
+    actor.eval(), critic.eval()
+    return stats
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------------
+def evaluate(actor, ref, scorer, tok, prompts, c, device, gold, seed, sync_stop=False):
+    """Held-out evaluation at a fixed seed (RNG state restored afterwards, so it does not change the run):
+    mean RM score, KL to the reference (nats per reply), gold score, reply length, EOS rate, and the replies.
+    Under torchrun each rank takes an equal share of the prompts and the results are gathered, in prompt order."""
+    rank, world = (torch.distributed.get_rank(), world_size()) if dist_on() else (0, 1)
+    share = len(prompts) // world
+    mine = prompts[rank * share:(rank + 1) * share]
+    out = {"rm": [], "kl": [], "len": [], "eos": [], "replies": []}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + rank)
+        for i in range(0, len(mine), 64):
+            chunk = mine[i:i + 64]
+            queries, query_mask = left_pad([p[2] for p in chunk], tok.pad_token_id, device)
+            ctx = queries.shape[1]
+            sampled = sample_responses(actor, queries, query_mask, c["MAX_NEW_TOKENS"], c["TEMPERATURE"],
+                                       tok.eos_token_id, tok.pad_token_id, sync_stop)
+            responses, mask = truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
+            qr, am = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+            ended = (responses == tok.eos_token_id).any(1)
+            with torch.no_grad():
+                lp = response_logprobs(actor, qr, am, ctx, c["TEMPERATURE"])
+            ref_lp = frozen_forward(ref, response_logprobs, qr, am, ctx, c["TEMPERATURE"])
+            replies = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(responses.cpu(), mask.cpu())]
+            out["rm"] += scorer(qr, am, ctx, [p[0] for p in chunk], replies, ended.tolist()).tolist()
+            out["kl"] += torch.where(mask, kl_per_token(lp, ref_lp, "k1"), 0.0).sum(1).tolist()
+            out["len"] += mask.sum(1).tolist()
+            out["eos"] += ended.float().tolist()
+            out["replies"] += replies
+    out["gold"] = gold([p[1] for p in mine], out["replies"]) if gold else [None] * len(mine)
+    out = {k: all_gather_list(v) for k, v in out.items()}
+    res = {"rm_score": float(np.mean(out["rm"])), "kl": float(np.mean(out["kl"])),
+           "resp_length": float(np.mean(out["len"])), "eos_frac": float(np.mean(out["eos"]))}
+    if gold:
+        res["gold_score"] = float(np.mean(out["gold"]))
+    return res, out
+
+
+# ---- reporting: CSV rows, curves, summary with health verdicts --------------------------------------------------------
+def atomic_write(path, write):
+    """write(f) into path.tmp, then rename: a reader never sees half a file, a crash never corrupts the old one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def smooth(series):
+    """Centred rolling mean over ~1/20 of the run (no lag, unlike an EMA); NaN gaps are skipped."""
+    return series.rolling(max(1, len(series) // 20), center=True, min_periods=1).mean()
+
+
+def plot_curves(df, path, target, eval_points):
+    """One figure, read at a glance: smoothed lines over faint raw points."""
+    panels = [
+        ("reward", [("objective/scores", "RM score"), ("objective/rlhf_reward", "RLHF reward"),
+                    ("objective/gold_scores", "gold score")]),
+        ("KL to reference (nats/reply)", [("objective/kl", "KL")]),
+        ("β (KL coefficient)", [("objective/kl_coef", "β")]),
+        ("policy loss", [("loss/policy_avg", "policy")]),
+        ("value loss", [("loss/value_avg", "value")]),
+        ("clipfrac and approx KL", [("policy/clipfrac_avg", "policy clipfrac"), ("val/clipfrac_avg", "value clipfrac"),
+                                    ("policy/approxkl_avg", "approx KL")]),
+        ("entropy (nats/token)", [("policy/entropy_avg", "entropy")]),
+        ("reply length (tokens)", [("resp/length_mean", "length")]),
+        ("held-out evaluation", []),
+    ]
+    fig, axes = plt.subplots(3, 3, figsize=(15, 11))
+    x = df["step"]
+    for ax, (title, series) in zip(axes.flat, panels):
+        for i, (col, label) in enumerate(series):
+            if col not in df or df[col].isna().all():
+                continue
+            color = f"C{i}"
+            ax.plot(x, df[col], ".", color=color, alpha=0.25, markersize=3)
+            ax.plot(x, smooth(df[col]), "-", color=color, label=label, linewidth=1.8)
+        if title.startswith("KL"):
+            ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:g}")
+        ax.set_title(title)
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+    ax = axes.flat[-1]
+    if eval_points:
+        steps = [p["step"] for p in eval_points]
+        for i, key in enumerate(("rm_score", "gold_score", "kl")):
+            if key in eval_points[0]:
+                ax.plot(steps, [p[key] for p in eval_points], "o-", color=f"C{i}", label=key.replace("_", " "))
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("PPO-RLHF training curves")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def health_verdicts(df, target, eval_before, eval_after):
+    """Plain-language verdicts drawn from the run: what looks fine and what to check."""
+    if len(df) == 0:
+        return ["no PPO step finished"]
+    k = max(1, len(df) // 10)
+    first, last = df.iloc[:k], df.iloc[-k:]
+    f = lambda part, col: float(part[col].mean()) if col in part and part[col].notna().any() else float("nan")  # noqa
+    out = []
+    kl = f(last, "objective/kl")
+    if f(df, "objective/kl") < -0.5 or kl < -0.5:
+        out.append(f"WARNING: mean KL is negative ({kl:.2f}): sampling and scoring disagree; check that generation "
+                   f"uses plain temperature sampling (no top-k/top-p) and the same TEMPERATURE as the logprobs")
+    elif abs(kl - target) <= 0.5 * target:
+        out.append(f"OK: KL {kl:.2f} nats/reply is near the target {target:g} (β now {f(last, 'objective/kl_coef'):.3f})")
+    elif kl > target:
+        out.append(f"CHECK: KL {kl:.2f} is above the target {target:g}: the policy drifts from the reference faster than "
+                   f"β can follow; lower LEARNING_RATE or KL_HORIZON")
+    else:
+        out.append(f"OK: KL {kl:.2f} is below the target {target:g}: the policy stays close to the reference "
+                   f"(β is falling to allow more)" if kl >= 0 else f"CHECK: KL {kl:.2f} is slightly negative")
+    s0, s1 = f(first, "objective/scores"), f(last, "objective/scores")
+    out.append(f"{'OK' if s1 > s0 else 'CHECK'}: RM score {'rose' if s1 > s0 else 'did not rise'} from {s0:.2f} "
+               f"to {s1:.2f}")
+    e0, e1 = f(first, "policy/entropy_avg"), f(last, "policy/entropy_avg")
+    if e1 < 0.3 * e0:
+        out.append(f"WARNING: entropy collapsed from {e0:.2f} to {e1:.2f} nats/token: the policy is nearly "
+                   f"deterministic; raise INIT_KL_COEF or lower LEARNING_RATE")
+    l0, l1 = f(first, "resp/length_mean"), f(last, "resp/length_mean")
+    if l1 < 0.5 * l0 or l1 < 3:
+        out.append(f"WARNING: replies shrank from {l0:.1f} to {l1:.1f} tokens: possible reward hacking by short replies")
+    r0, r1 = f(first, "resp/repetition"), f(last, "resp/repetition")
+    if r1 > r0 + 0.1:
+        out.append(f"WARNING: repetition rose from {r0:.2f} to {r1:.2f} (复读机): the reward model pays for repeats; "
+                   f"keep the KL leash (ADAPTIVE_KL, INIT_KL_COEF) or fix the reward model")
+    cf = f(last, "policy/clipfrac_avg")
+    if cf > 0.3:
+        out.append(f"CHECK: clipfrac {cf:.2f} is high: updates hit the trust region often; lower LEARNING_RATE or "
+                   f"PPO_EPOCHS")
+    ev = f(last, "val/explained_var")
+    if ev < 0:
+        out.append(f"CHECK: value explained variance {ev:.2f} < 0: the critic predicts returns worse than their mean")
+    if "dist/ranks_in_sync" in df and (df["dist/ranks_in_sync"] < 1).any():
+        out.append("WARNING: the ranks' weights or β diverged at some step (dist/ranks_in_sync = 0); results are not "
+                   "those of one consistent model")
+    g0, g1 = f(first, "objective/gold_scores"), f(last, "objective/gold_scores")
+    if not math.isnan(g0):
+        if g1 < g0 - 0.2 and s1 > s0:
+            out.append(f"WARNING: gold score fell ({g0:.2f} -> {g1:.2f}) while the RM score rose: over-optimisation "
+                       f"of the reward model; stop earlier or raise the KL target's weight")
+        else:
+            out.append(f"{'OK' if g1 >= g0 else 'CHECK'}: gold score {g0:.2f} -> {g1:.2f}")
+    if eval_before and eval_after:
+        out.append(f"held-out RM score {eval_before['rm_score']:.2f} -> {eval_after['rm_score']:.2f}"
+                   + (f", gold {eval_before['gold_score']:.2f} -> {eval_after['gold_score']:.2f}"
+                      if "gold_score" in eval_before else "")
+                   + f", KL {eval_after['kl']:.2f}")
+    return out
+
+
+def summarise(df, key):
+    if key not in df or df[key].notna().sum() == 0:
+        return None
+    k = max(1, len(df) // 10)
+    col = df[key].dropna()
+    return {"start": float(col.iloc[:k].mean()), "end": float(col.iloc[-k:].mean()),
+            "best": float(col.max()) if key != "loss/value_avg" else float(col.min())}
+
+
+# ---- main: setup, loop, save ------------------------------------------------------------------------------------------
+def setup_distributed(c):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (nanoGPT-style detection); a plain `python` run is one process.
+    Returns (rank, world, device)."""
+    global DIST_DEVICE
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(c["DEVICE"])
+    if c["DISTRIBUTED"] not in ("ddp", "fsdp"):
+        raise ConfigError(f"DISTRIBUTED = {c['DISTRIBUTED']!r} must be 'ddp' or 'fsdp'")
+    device = pick_device(c["DEVICE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    DIST_DEVICE = device if device.type == "cuda" else torch.device("cpu")
+    world = torch.distributed.get_world_size()
+    if c["GRAD_ACCUM"] % world:
+        raise ConfigError(f"GRAD_ACCUM = {c['GRAD_ACCUM']} does not divide by the {world} processes: set "
+                          f"--grad_accum to a multiple of {world} (the rollout batch, MINI_BATCH_SIZE x GRAD_ACCUM x "
+                          f"PPO_BUFFER_SIZE, is shared out over the processes)")
+    return torch.distributed.get_rank(), world, device
+
+
+def load_roles(c, device, dtype):
+    """The four roles: Actor (trained), Reference (frozen), Reward (frozen), Critic (trained). Returns
+    (tok, actor, ref, scorer, critic, critic_path, notes). Mixed precision as OpenRLHF/DeepSpeed do it: the trained
+    models hold fp32 weights (an update of lr 1e-6 vanishes in bf16 weights) and compute in `dtype` under autocast;
+    the frozen models are stored in `dtype`."""
+    ref_path = c["REF_MODEL"] or c["ACTOR_MODEL"]
+    frozen_device = torch.device("cpu") if c["OFFLOAD_FROZEN"] else device
+    tok, notes = load_tokenizer(c["ACTOR_MODEL"], "ACTOR_MODEL")
+    rm_tok, rm_notes = load_tokenizer(c["REWARD_MODEL"], "REWARD_MODEL")
+    fp32 = torch.float32  # trained models keep fp32 master weights; DTYPE is their compute dtype (autocast)
+    actor = load_model("causal", c["ACTOR_MODEL"], "ACTOR_MODEL", device, fp32)
+    ref = freeze(load_model("causal", ref_path, "REF_MODEL", frozen_device, dtype))
+    scorer = RewardScorer(freeze(load_model("score", c["REWARD_MODEL"], "REWARD_MODEL", frozen_device, dtype)),
+                          rm_tok, tok, device)
+    notes += rm_notes
+    if c["CRITIC_MODEL"]:  # an explicit critic must read the actor's tokens
+        critic_tok, _ = load_tokenizer(c["CRITIC_MODEL"], "CRITIC_MODEL")
+        if critic_tok.get_vocab() != tok.get_vocab():
+            raise ConfigError(f"CRITIC_MODEL {c['CRITIC_MODEL']!r} uses a different tokenizer from the actor; the critic "
+                              f"values the actor's tokens, so give a value model with the actor's tokenizer, or "
+                              f"--critic_model= for the default")
+        critic_path, critic = c["CRITIC_MODEL"], load_model("score", c["CRITIC_MODEL"], "CRITIC_MODEL", device, fp32)
+    elif scorer.same_tokenizer:  # default: a trained copy of the reward model (N+, PPO-max, OpenRLHF)
+        critic_path, critic = c["REWARD_MODEL"], load_model("score", c["REWARD_MODEL"], "CRITIC_MODEL", device, fp32)
+    else:  # the RM cannot read the actor's tokens: the actor's weights with a fresh, zero value head (OAI)
+        critic_path = c["ACTOR_MODEL"]
+        critic = load_model("score", c["ACTOR_MODEL"], "CRITIC_MODEL", device, fp32, fresh_value_head=True)
+        notes.append("the reward model's tokenizer differs from the actor's: replies are re-tokenised for the reward "
+                     "model, and the critic is the actor's weights with a new zero-initialised value head")
+    critic.model.config.pad_token_id = tok.pad_token_id
+    if c["GRADIENT_CHECKPOINTING"]:
+        for m in (actor, critic.model):
+            m.activation_checkpointing_enable({"use_reentrant": False})
+    return tok, actor, ref, scorer, critic, critic_path, notes
+
+
+def wrap_for_training(actor, critic, c, device):
+    """Under torchrun: DDP (a full copy per rank, gradients all-reduced) or FSDP2 (fully_shard: parameters, gradients
+    and optimizer state sharded over ranks, each decoder layer gathered when used). Returns the modules the training
+    forward calls; rollout and evaluation call the plain (or, under FSDP, sharded) modules directly."""
+    if not dist_on():
+        return actor, critic
+    if c["DISTRIBUTED"] == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return (torch.nn.parallel.DistributedDataParallel(actor, device_ids=ids),
+                torch.nn.parallel.DistributedDataParallel(critic, device_ids=ids))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for root, hf_model in ((actor, actor), (critic, critic.model)):
+        layer_classes = set(getattr(hf_model, "_no_split_modules", None) or [])
+        for m in hf_model.modules():
+            if type(m).__name__ in layer_classes:
+                fully_shard(m, mesh=mesh)
+        fully_shard(root, mesh=mesh)
+    return actor, critic
+
+
+def save_models(actor, critic, tok, model_dir, master):
+    """save_pretrained of actor and critic (+ tokenizer); under FSDP the full weights are gathered to rank 0 first."""
+    fsdp = any(type(p).__name__ == "DTensor" for p in actor.parameters())
+    for name, m in (("actor", actor), ("critic", critic.model)):
+        state = None
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            state = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if master:
+            m.save_pretrained(os.path.join(model_dir, name), state_dict=state)
+            tok.save_pretrained(os.path.join(model_dir, name))
+
+
+def params_checksum(modules):
+    """One number per rank that differs when the ranks' parameters differ (DDP must keep them identical)."""
+    with torch.no_grad():
+        return sum(p.double().sum().item() + p.double().abs().sum().item() for m in modules for p in m.parameters())
+
+
+def step_metrics(step, rollout_batch, batch, mb_stats, beta, gold, batch_prompts, optimizer, t_train):
+    """One CSV row (TRL's names where TRL has one), averaged over all micro-batches of the step and over ranks."""
+    mask, returns, values = batch["mask"], batch["returns"], batch["values"]
+    seq_kl = batch["kl"].sum(1)
+    var_returns = torch.var(returns[mask], unbiased=False)
+    resp_tokens = [r[m].tolist() for r, m in zip(batch["responses"].cpu(), mask.cpu())]
+    row = {
+        "objective/scores": batch["scores"].mean().item(),
+        "objective/rlhf_reward": (batch["scores"] + batch["non_score_reward"].sum(1)).mean().item(),
+        "objective/non_score_reward": batch["non_score_reward"].sum(1).mean().item(),
+        "objective/kl": seq_kl.mean().item(),
+        "objective/entropy": (-torch.where(mask, batch["logprobs"], 0.0).sum(1)).mean().item(),
+        "objective/kl_coef": beta,
+        "objective/gold_scores": float(np.mean(gold([p[1] for p in batch_prompts], batch["replies"])))
+        if gold else float("nan"),
+    }
+    row.update({k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in mb_stats[-1]})
+    row.update({
+        "val/explained_var": (1 - torch.var((returns - values)[mask], unbiased=False) / var_returns).item()
+        if var_returns > 0 else float("nan"),
+        "val/mean_value": masked_mean(values, mask).item(),
+        "resp/length_mean": mask.sum(1).float().mean().item(),
+        "resp/eos_frac": batch["ended"].float().mean().item(),
+        "resp/repetition": float(np.mean([repetition_rate(t) for t in resp_tokens])),
+        "lr": optimizer.param_groups[0]["lr"],
+        "time/generate_s": batch["time_generate"], "time/score_s": batch["time_score"], "time/train_s": t_train,
+        "time/tokens_per_s": mask.sum().item() * world_size()
+        / (batch["time_generate"] + batch["time_score"] + t_train),
+    })
+    return dict({"step": step, "episodes": step * rollout_batch}, **all_mean(row),
+                **{"eval/rm_score": float("nan"), "eval/gold_score": float("nan"), "eval/kl": float("nan")})
+
+
+def train(c):
+    """The whole run for the resolved config `c` ({NAME: value}); returns the summary dict (rank 0) or None."""
+    rollout_batch = check_config(c)
+    rank, world, device = setup_distributed(c)
+    master = rank == 0  # only rank 0 prints, shows the bar and writes files
+    log = print if master else (lambda *a, **k: None)
+    if rollout_batch % world:
+        raise ConfigError(f"the rollout batch ({rollout_batch}) does not divide by the {world} processes")
+    per_rank = rollout_batch // world
+    dtype = pick_dtype(c["DTYPE"], device)
+    metrics_dir = os.path.join(c["OUTPUT_DIR"], "ppo_metrics")
+    model_dir = os.path.join(c["OUTPUT_DIR"], "ppo_model")
+    try:
+        os.makedirs(metrics_dir, exist_ok=True)
+        probe = os.path.join(metrics_dir, f".write_test{rank}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"OUTPUT_DIR {c['OUTPUT_DIR']!r} is not writable ({e.strerror}); pick another with "
+                          f"--output_dir=...") from None
+    random.seed(c["SEED"]), np.random.seed(c["SEED"]), torch.manual_seed(c["SEED"])
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    tok, actor, ref, scorer, critic, critic_path, notes = load_roles(c, device, dtype)
+    ref_path = c["REF_MODEL"] or c["ACTOR_MODEL"]
+    actor_train, critic_train = wrap_for_training(actor, critic, c, device)
+    fsdp = dist_on() and c["DISTRIBUTED"] == "fsdp"
+    params = list(actor_train.parameters()) + list(critic_train.parameters())
+    # one AdamW over actor and critic, as N+ and TRL-new (PolicyAndValueWrapper): one step, one gradient clip
+    optimizer = torch.optim.AdamW(params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"], weight_decay=c["WEIGHT_DECAY"])
+    kl_ctl = AdaptiveKLController(c["INIT_KL_COEF"], c["PPO_TARGET"], c["KL_HORIZON"], c["ADAPTIVE_KL"])
+    score_moments = RunningMoments() if c["SCORE_NORM"] else None
+    gold = load_gold(c["GOLD_REWARD"]) if c["GOLD_REWARD"] else None
+
+    # data: prompt-only; the 'output' field is never read
+    prompts = load_prompts(c["PROMPT_FILE"], tok, c["MAX_PROMPT_TOKENS"], "PROMPT_FILE", log)
+    if len(prompts) < rollout_batch:
+        raise ConfigError(f"PROMPT_FILE has {len(prompts)} usable prompts, fewer than one rollout batch "
+                          f"({rollout_batch}); add prompts or lower MINI_BATCH_SIZE")
+    eval_prompts = load_prompts(c["EVAL_FILE"], tok, c["MAX_PROMPT_TOKENS"], "EVAL_FILE", log) if c["EVAL_FILE"] else []
+    eval_prompts = eval_prompts[:c["EVAL_SIZE"]] if c["EVAL_SIZE"] else eval_prompts
+    eval_prompts = eval_prompts[:len(eval_prompts) // world * world]  # an equal share per rank
+
+    config_out = {k: c[k] for k in CONFIG_KEYS}
+    derived = {"ROLLOUT_BATCH": rollout_batch, "world_size": world, "device": str(device),
+               "dtype": str(dtype).replace("torch.", ""), "REF_MODEL": ref_path, "CRITIC_MODEL": critic_path,
+               "threads": torch.get_num_threads()}
+    if master:
+        atomic_write(os.path.join(metrics_dir, "config.json"),
+                     lambda f: json.dump({"config": config_out, "derived": derived}, f, indent=1))
+    log("config:", " ".join(f"{k}={v!r}" for k, v in config_out.items()))
+    log("derived:", " ".join(f"{k}={v}" for k, v in derived.items()))
+    for n in notes:
+        log("note:", n)
+    log(f"models: actor {actor.num_parameters():,} params, critic {critic.model.num_parameters():,}, reward model "
+        f"{'same tokenizer' if scorer.same_tokenizer else 'own tokenizer (re-tokenising replies)'}; "
+        f"prompts: {len(prompts)} train, {len(eval_prompts)} eval")
+    torch.manual_seed(c["SEED"] + rank)  # each rank samples its own replies
+    prompt_rng = torch.Generator().manual_seed(c["SEED"])  # the same prompt order on every rank
+
+    csv_path = os.path.join(metrics_dir, "training_metrics.csv")
+    samples_path = os.path.join(metrics_dir, "samples.jsonl")
+    for p in (csv_path, samples_path):
+        if master and os.path.exists(p):
+            os.remove(p)
+    t_run = time.perf_counter()
+    timing = {"generate": 0.0, "score": 0.0, "train": 0.0, "eval": 0.0}
+
+    def run_eval(step):
+        t0 = time.perf_counter()
+        with autocast(device, dtype):
+            res, detail = evaluate(actor, ref, scorer, tok, eval_prompts, c, device, gold, c["SEED"] + 1, fsdp)
+        timing["eval"] += time.perf_counter() - t0
+        return dict(res, step=step), detail
+
+    eval_points = []
+    eval_before, detail_before = run_eval(0) if eval_prompts else (None, None)
+    if eval_before:
+        eval_points.append(eval_before)
+        log("eval before:", json.dumps({k: round(v, 3) for k, v in eval_before.items()}))
+
+    rows, order, cursor = [], [], 0
+    writer, csv_file = None, None
+    bar = tqdm(range(1, c["TOTAL_STEPS"] + 1), desc="PPO", dynamic_ncols=True, disable=not master)
+    for step in bar:
+        if cursor + rollout_batch > len(order):  # a fresh shuffle of the prompts each pass over them
+            order, cursor = torch.randperm(len(prompts), generator=prompt_rng).tolist(), 0
+        batch_prompts = [prompts[i] for i in order[cursor + rank * per_rank:cursor + (rank + 1) * per_rank]]
+        cursor += rollout_batch
+
+        # steps 1-6: rollout, truncate, logprobs/values, scores, KL-shaped rewards, GAE
+        beta = kl_ctl.value
+        with autocast(device, dtype):
+            batch = rollout(actor, ref, critic, scorer, tok, batch_prompts, c, device, beta, score_moments, fsdp)
+        # step 7: PPO epochs over minibatches
+        t0 = time.perf_counter()
+        with autocast(device, dtype):
+            mb_stats = ppo_update(actor_train, critic_train, optimizer, params, batch, c)
+        t_train = time.perf_counter() - t0
+        # step 8: log; β from this batch's mean KL per reply, over all ranks (once per step, after the epochs: OAI)
+        row = step_metrics(step, rollout_batch, batch, mb_stats, beta, gold, batch_prompts, optimizer, t_train)
+        kl_ctl.update(row["objective/kl"], rollout_batch)
+        if dist_on():  # every rank must hold the same β and (DDP) the same weights; FSDP shards differ by design
+            seen = all_gather_list([(kl_ctl.value, None if fsdp else params_checksum([actor, critic]))])
+            row["dist/ranks_in_sync"] = float(all(x == seen[0] for x in seen))
+        timing["generate"] += batch["time_generate"]
+        timing["score"] += batch["time_score"]
+        timing["train"] += t_train
+        if eval_prompts and c["EVAL_EVERY"] and step % c["EVAL_EVERY"] == 0 and step < c["TOTAL_STEPS"]:
+            ev, _ = run_eval(step)
+            eval_points.append(ev)
+            row.update({"eval/rm_score": ev["rm_score"], "eval/gold_score": ev.get("gold_score", float("nan")),
+                        "eval/kl": ev["kl"]})
+        rows.append(row)
+        if not master:
+            continue
+        if writer is None:  # append row by row: a crash loses at most the step in flight
+            csv_file = open(csv_path, "w", newline="", encoding="utf-8")
+            writer = csv.DictWriter(csv_file, fieldnames=list(row))
+            writer.writeheader()
+        writer.writerow(row)
+        csv_file.flush()
+        if c["SAMPLE_EVERY"] and (step == 1 or step % c["SAMPLE_EVERY"] == 0):
+            with open(samples_path, "a", encoding="utf-8") as f:
+                for p, r, s in list(zip(batch_prompts, batch["replies"], batch["scores"].tolist()))[:4]:
+                    f.write(json.dumps({"step": step, "prompt": p[0], "reply": r, "score": round(s, 4)}) + "\n")
+        bar.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{row['objective/kl']:.2f}", beta=f"{beta:.3f}",
+                        **({"gold": f"{row['objective/gold_scores']:.2f}"} if gold else {}))
+    bar.close()
+    if csv_file:
+        csv_file.close()
+
+    eval_after, detail_after = (None, None)
+    if eval_prompts:
+        eval_after, detail_after = run_eval(c["TOTAL_STEPS"])
+        eval_points.append(eval_after)
+        log("eval after: ", json.dumps({k: round(v, 3) for k, v in eval_after.items()}))
+    if c["SAVE_MODEL"]:
+        save_models(actor, critic, tok, model_dir, master)
+    if dist_on():
+        torch.distributed.barrier()
+    if not master:
+        return None
+
+    df = pd.DataFrame(rows)
+    curves_path = os.path.join(metrics_dir, "training_curves.png")
+    if len(df):
+        plot_curves(df, curves_path, c["PPO_TARGET"], eval_points)
+    samples = []
+    if detail_before and detail_after:
+        for i in range(min(8, len(eval_prompts))):
+            samples.append({"prompt": eval_prompts[i][0],
+                            "reply_before": detail_before["replies"][i], "reply_after": detail_after["replies"][i],
+                            "rm_before": round(detail_before["rm"][i], 3), "rm_after": round(detail_after["rm"][i], 3),
+                            "gold_before": detail_before["gold"][i], "gold_after": detail_after["gold"][i]})
+    wall = time.perf_counter() - t_run
+    summary = {
+        "status": "finished",
+        "health": health_verdicts(df, c["PPO_TARGET"], eval_before, eval_after),
+        "eval_before": eval_before, "eval_after": eval_after, "eval_points": eval_points,
+        "metrics": {k: summarise(df, k) for k in ("objective/scores", "objective/gold_scores", "objective/kl",
+                                                   "objective/kl_coef", "objective/entropy", "policy/entropy_avg",
+                                                   "policy/clipfrac_avg", "policy/approxkl_avg", "loss/policy_avg",
+                                                   "loss/value_avg", "val/explained_var", "resp/length_mean",
+                                                   "resp/eos_frac", "resp/repetition")},
+        "steps": len(rows), "episodes": len(rows) * rollout_batch,
+        "wall_time_s": round(wall, 2), "time_split_s": {k: round(v, 2) for k, v in timing.items()},
+        "step_time_s_median": float(np.median([r["time/generate_s"] + r["time/score_s"] + r["time/train_s"]
+                                               for r in rows])) if rows else None,
+        "models": {"actor": c["ACTOR_MODEL"], "reference": ref_path, "reward": c["REWARD_MODEL"],
+                   "critic": critic_path, "actor_params": actor.num_parameters(),
+                   "critic_params": critic.model.num_parameters(), "reward_same_tokenizer": scorer.same_tokenizer},
+        "data": {"prompt_file": c["PROMPT_FILE"], "train_prompts": len(prompts), "eval_file": c["EVAL_FILE"],
+                 "eval_prompts": len(eval_prompts)},
+        "samples": samples,
+        "files": {"curves": curves_path, "metrics_csv": csv_path, "config": os.path.join(metrics_dir, "config.json"),
+                  "samples": samples_path, "model": model_dir if c["SAVE_MODEL"] else None},
+        "config": config_out, "derived": derived, "notes": notes,
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+    }
+    atomic_write(os.path.join(metrics_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
+    log("health:\n  " + "\n  ".join(summary["health"]))
+    log(f"done in {wall:.0f}s; read {metrics_dir}/summary.json, then training_curves.png, then training_metrics.csv")
+    return summary
+
+
+def resolve_config(argv):
+    config = {k: globals()[k] for k in CONFIG_KEYS}
+    if any(a in ("-h", "--help") for a in argv):
+        print_help(config)
+        sys.exit(0)
+    config.update(parse_overrides(argv, config))
+    return config
+
+
+if __name__ == "__main__":
+    try:
+        train(resolve_config(sys.argv[1:]))
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist_on():
+            torch.distributed.destroy_process_group()

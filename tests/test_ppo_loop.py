@@ -1,0 +1,133 @@
+"""Step-0 invariants of the PPO loop on the committed demo models (implementation details, 'step-0 suite')."""
+import copy
+import os
+
+import pytest
+import torch
+
+import ppo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+
+def small_config(**kw):
+    c = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
+    c.update(ACTOR_MODEL=os.path.join(ROOT, "data/models/demo-sft"), REWARD_MODEL=os.path.join(ROOT, "data/models/demo-rm"),
+             PROMPT_FILE=os.path.join(ROOT, "data/ppo_prompts.json"), EVAL_FILE=os.path.join(ROOT, "data/ppo_eval.json"),
+             GOLD_REWARD=os.path.join(ROOT, "data/demo_gold_reward.py"), MINI_BATCH_SIZE=4, GRAD_ACCUM=2,
+             PPO_BUFFER_SIZE=2, PPO_EPOCHS=2, MAX_NEW_TOKENS=24, DEVICE="cpu")
+    c.update(kw)
+    return c
+
+
+@pytest.fixture(scope="module")
+def world():
+    c = small_config()
+    tok, _ = ppo.load_tokenizer(c["ACTOR_MODEL"], "ACTOR_MODEL")
+    actor = ppo.load_model("causal", c["ACTOR_MODEL"], "ACTOR_MODEL", CPU, torch.float32)
+    ref = ppo.freeze(ppo.load_model("causal", c["ACTOR_MODEL"], "REF_MODEL", CPU, torch.float32))
+    rm = ppo.freeze(ppo.load_model("score", c["REWARD_MODEL"], "REWARD_MODEL", CPU, torch.float32))
+    critic = ppo.load_model("score", c["REWARD_MODEL"], "CRITIC_MODEL", CPU, torch.float32)
+    scorer = ppo.RewardScorer(rm, tok, tok, CPU)
+    prompts = ppo.load_prompts(c["PROMPT_FILE"], tok, 128, "PROMPT_FILE")
+    return c, tok, actor, ref, rm, critic, scorer, prompts
+
+
+def test_step0_invariants(world):
+    c, tok, actor, ref, rm, critic, scorer, prompts = world
+    actor, critic = copy.deepcopy(actor), copy.deepcopy(critic)
+    torch.manual_seed(0)
+    B = 16
+    batch = ppo.rollout(actor, ref, critic, scorer, tok, prompts[:B], c, CPU, beta=0.2)
+    mask = batch["mask"]
+    # policy == reference => every per-token KL is exactly 0, rewards are the score alone, at the last real token
+    assert (batch["kl"] == 0).all()
+    assert torch.allclose(batch["rewards"].sum(1), batch["scores"])
+    last = ppo.last_index(mask)
+    assert torch.equal(batch["rewards"][torch.arange(B), last], batch["scores"])
+    # masked slots carry INVALID_LOGPROB; advantages are 0 there and whitened over real tokens
+    assert (batch["logprobs"][~mask] == ppo.INVALID_LOGPROB).all()
+    adv = batch["advantages"]
+    assert (adv[~mask] == 0).all()
+    assert adv[mask].mean().abs().item() < 1e-5 and abs(adv[mask].var(unbiased=False).item() - 1) < 1e-4
+    raw, returns = ppo.compute_gae(batch["rewards"], batch["values"], mask, c["GAMMA"], c["LAM"])
+    assert torch.allclose(batch["returns"], returns) and torch.allclose(returns[mask], (raw + batch["values"])[mask])
+    # the critic starts as the reward model: its value at the EOS equals the RM score read there
+    # (V_t is the value of the state *before* token t, so compare on the state that includes the last token)
+    full = critic(batch["query_responses"], batch["attention_mask"],
+                            ppo.last_index(batch["attention_mask"]))
+    assert torch.allclose(full, batch["raw_scores"], atol=1e-5)
+
+    old_logprobs, old_values = batch["logprobs"].clone(), batch["values"].clone()
+    ref_before = [p.clone() for p in ref.parameters()]
+    actor_before = [p.clone() for p in actor.parameters()]
+    params = list(actor.parameters()) + list(critic.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, eps=1e-5)
+    stats = ppo.ppo_update(actor, critic, opt, params, batch, c)
+    # first micro-batch, before any optimizer step: ratio 1, no clipping, approx KL 0
+    assert stats[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert stats[0]["policy/clipfrac_avg"] == 0 and stats[0]["policy/approxkl_avg"] < 1e-8
+    # ppo_epochs x minibatches optimizer steps; every micro-batch of every step seen
+    assert sum("policy/grad_norm" in s for s in stats) == c["PPO_EPOCHS"] * c["PPO_BUFFER_SIZE"]
+    assert len(stats) == c["PPO_EPOCHS"] * c["PPO_BUFFER_SIZE"] * c["GRAD_ACCUM"]
+    # the update moved the actor, left the rollout tensors and the frozen models alone
+    assert not all(torch.equal(a, b) for a, b in zip(actor_before, actor.parameters()))
+    assert stats[-1]["policy/approxkl_avg"] > 0
+    assert torch.equal(batch["logprobs"], old_logprobs) and torch.equal(batch["values"], old_values)
+    assert all(p.grad is None for p in ref.parameters()) and all(p.grad is None for p in rm.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(ref_before, ref.parameters()))
+    assert batch["advantages"].grad_fn is None and batch["rewards"].grad_fn is None
+
+
+def test_logprobs_values_and_scores_do_not_depend_on_batch_padding(world):
+    c, tok, actor, ref, rm, critic, scorer, prompts = world
+    # one short prompt alone, then beside a much longer one (more left padding), with the same reply
+    short = min(prompts, key=lambda p: len(p[2]))
+    long_ = max(prompts, key=lambda p: len(p[2]))
+    reply = tok("The lamp is great and sturdy.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    def measure(rows):
+        q, qm = ppo.left_pad([r[2] for r in rows], tok.pad_token_id, CPU)
+        resp = torch.full((len(rows), len(reply) + 3), tok.pad_token_id)
+        resp[:, :len(reply)] = torch.tensor(reply)
+        resp, m = ppo.truncate_after_eos(resp, tok.eos_token_id, tok.pad_token_id)
+        qr, am = torch.cat([q, resp], 1), torch.cat([qm, m], 1)
+        with torch.no_grad():
+            lp = ppo.response_logprobs(actor, qr, am, q.shape[1], 0.7)[0, :len(reply)]
+            v = ppo.critic_values(critic, qr, am, q.shape[1])[0, :len(reply)]
+        s = scorer(qr, am, q.shape[1], None, None, None)[0]
+        return lp, v, s
+
+    alone, padded = measure([short]), measure([short, long_])
+    assert len(long_[2]) > len(short[2]) + 5
+    for a, b in zip(alone, padded):
+        assert torch.allclose(a, b, atol=1e-4)
+    # without position ids the padded row would differ (GPT-2 has absolute positions): the test can fail
+    q, qm = ppo.left_pad([short[2], long_[2]], tok.pad_token_id, CPU)
+    with torch.no_grad():
+        bad = actor(input_ids=q, attention_mask=qm).logits[0, -1]
+        good = actor(input_ids=q, attention_mask=qm, position_ids=ppo.position_ids_of(qm)).logits[0, -1]
+    assert not torch.allclose(bad, good, atol=1e-3)
+
+
+def test_sampler_draws_from_the_temperature_scaled_policy(world):
+    c, tok, actor, ref, rm, critic, scorer, prompts = world
+    # many copies of one prompt: the empirical first-token distribution matches softmax(logits / T)
+    q, qm = ppo.left_pad([prompts[0][2]] * 4000, tok.pad_token_id, CPU)
+    torch.manual_seed(0)
+    first = ppo.sample_responses(actor, q, qm, 1, 0.7, tok.eos_token_id, tok.pad_token_id)[:, 0]
+    with torch.no_grad():
+        p = torch.softmax(actor(input_ids=q[:1], attention_mask=qm[:1]).logits[0, -1] / 0.7, -1)
+    emp = torch.bincount(first, minlength=len(p)).float() / len(first)
+    assert (emp - p).abs().max().item() < 0.03
+    top = p.argmax()
+    assert abs(emp[top].item() - p[top].item()) < 4 * (p[top].item() * (1 - p[top].item()) / 4000) ** 0.5 + 1e-3
+
+
+def test_dropout_is_disabled_in_every_role(world):
+    c, tok, actor, ref, rm, critic, scorer, prompts = world
+    for m in (actor, ref, rm, critic):
+        assert all(d.p == 0 for d in m.modules() if isinstance(d, torch.nn.Dropout))
+        assert not m.training
+    assert not any(p.requires_grad for p in ref.parameters()) and not any(p.requires_grad for p in rm.parameters())

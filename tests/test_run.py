@@ -1,0 +1,121 @@
+"""The run end to end: its three outputs, the CLI overrides and the one-line errors for bad input."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ppo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "code/ppo.py")
+QUICK = ["--total_steps=3", "--mini_batch_size=4", "--ppo_buffer_size=1", "--ppo_epochs=2", "--max_new_tokens=16",
+         "--eval_size=8", "--eval_every=2", "--sample_every=1", "--device=cpu"]
+
+
+def run(args, cwd=ROOT):
+    return subprocess.run([sys.executable, SCRIPT] + args, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = run(QUICK + [f"--output_dir={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_outputs_csv_png_summary(quick_run):
+    out, r = quick_run
+    m = out / "ppo_metrics"
+    rows = list(csv.DictReader(open(m / "training_metrics.csv")))
+    assert [int(x["step"]) for x in rows] == [1, 2, 3]
+    for col in ["step", "episodes", "objective/scores", "objective/rlhf_reward", "objective/non_score_reward",
+                "objective/kl", "objective/entropy", "objective/kl_coef", "policy/approxkl_avg", "policy/clipfrac_avg",
+                "policy/entropy_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio",
+                "val/explained_var", "resp/length_mean", "resp/eos_frac", "lr", "time/generate_s", "time/score_s",
+                "time/train_s", "time/tokens_per_s", "objective/gold_scores", "eval/rm_score"]:
+        assert col in rows[0], col
+    assert int(rows[-1]["episodes"]) == 3 * 4
+    assert rows[1]["eval/rm_score"] != "nan" and rows[0]["eval/rm_score"] == "nan"  # EVAL_EVERY=2
+    import matplotlib.image
+    img = matplotlib.image.imread(m / "training_curves.png")
+    assert img.shape[0] > 500 and img.shape[1] > 500
+    s = json.load(open(m / "summary.json"))
+    assert s["status"] == "finished" and s["steps"] == 3 and s["episodes"] == 12
+    for key in ("health", "eval_before", "eval_after", "time_split_s", "metrics", "config", "models", "data", "files",
+                "samples"):
+        assert key in s, key
+    assert {"rm_score", "kl", "gold_score"} <= set(s["eval_before"])
+    assert s["eval_before"]["kl"] == pytest.approx(0.0, abs=1e-5)  # before training the actor is the reference
+    assert s["config"]["TOTAL_STEPS"] == 3 and json.load(open(m / "config.json"))["config"]["MINI_BATCH_SIZE"] == 4
+    assert len(s["samples"]) == 8 and {"reply_before", "reply_after", "gold_after"} <= set(s["samples"][0])
+    assert all(isinstance(h, str) for h in s["health"])
+    assert (out / "ppo_model/actor/model.safetensors").exists() and (out / "ppo_model/critic/config.json").exists()
+    assert (m / "samples.jsonl").read_text().count("\n") >= 3
+    assert "TOTAL_STEPS=3" in r.stdout  # the resolved config is printed at start
+
+
+def test_seed_makes_a_cpu_run_repeatable(quick_run, tmp_path):
+    out, _ = quick_run
+    r = run(QUICK + [f"--output_dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = list(csv.DictReader(open(out / "ppo_metrics/training_metrics.csv")))
+    b = list(csv.DictReader(open(tmp_path / "ppo_metrics/training_metrics.csv")))
+    skip = lambda k: k.startswith("time/")  # noqa: E731  wall-clock columns differ
+    for x, y in zip(a, b):
+        for k in x:
+            if not skip(k):
+                assert float(x[k]) == pytest.approx(float(y[k]), abs=1e-6, nan_ok=True), k
+
+
+def test_overrides_parse_by_type_and_case_insensitively():
+    cfg = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
+    got = ppo.parse_overrides(["--Total_Steps=7", "--learning_rate=1e-6", "--adaptive_kl=false", "--ref_model=x"], cfg)
+    assert got == {"TOTAL_STEPS": 7, "LEARNING_RATE": 1e-6, "ADAPTIVE_KL": False, "REF_MODEL": "x"}
+    assert isinstance(ppo.parse_overrides(["--ppo_target=6"], cfg)["PPO_TARGET"], float)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--totl_steps=5"], "did you mean --total_steps"),
+    (["--total_steps=many"], "expected int"),
+    (["--adaptive_kl=maybe"], "expected true or false"),
+    (["total_steps=5"], "overrides look like"),
+    (["--prompt_file=nope.json"], "not found"),
+    (["--actor_model=data/models/nope"], "not found"),
+    (["--mini_batch_size=0"], "must be a positive integer"),
+    (["--ppo_target=0"], "PPO_TARGET"),
+    (["--temperature=-1"], "TEMPERATURE"),
+    (["--kl_estimator=k2"], "KL_ESTIMATOR"),
+    (["--device=cuda"], "CUDA is not available"),
+    (["--gold_reward=nope.py"], "GOLD_REWARD"),
+    (["--max_prompt_tokens=3"], "longer than MAX_PROMPT_TOKENS"),
+])
+def test_bad_input_is_one_clear_line(args, needle, tmp_path):
+    r = run(args + [f"--output_dir={tmp_path}", "--total_steps=1"] if not args[0].startswith("--totl") else args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr[-1000:]
+
+
+def test_prompt_file_problems(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json\n")
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    no_instr = tmp_path / "noinstr.jsonl"
+    no_instr.write_text('{"input": "x"}\n')
+    for path, needle in [(bad_json, "neither JSON nor JSONL"), (empty, "holds no records"), (no_instr, "no 'instruction'")]:
+        with pytest.raises(ppo.ConfigError, match=needle):
+            ppo.read_records(str(path), "PROMPT_FILE")
+
+
+def test_help_lists_every_constant_with_its_comment():
+    r = run(["--help"])
+    assert r.returncode == 0
+    for k in ppo.CONFIG_KEYS:
+        assert f"--{k.lower()}" in r.stdout
+    assert "KL target of the adaptive controller" in r.stdout

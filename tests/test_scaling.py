@@ -1,0 +1,145 @@
+"""Real-model paths without a hub: a Llama-architecture actor with its own tokenizer and chat template beside the
+GPT-2 demo reward model (another tokenizer), and several processes under torchrun (DDP and FSDP2, gloo on CPU)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ppo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RM = os.path.join(ROOT, "data/models/demo-rm")
+CPU = torch.device("cpu")
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+            "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def llama_actor(tmp_path_factory):
+    """A tiny random Llama (rotary positions) with a byte-level BPE tokenizer of its own and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    texts = [r["instruction"] + " " + r["output"] for r in json.load(open(os.path.join(ROOT, "data/ppo_prompts.json")))]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=500, special_tokens=["<pad>", "</s>", "[INST]", "[/INST]"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                                  additional_special_tokens=["[INST]", "[/INST]"])
+    tok.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                         bos_token_id=tok.eos_token_id))
+    out = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_chat_templates_and_retokenised_reward_equal_direct_scoring(llama_actor):
+    tok, _ = ppo.load_tokenizer(llama_actor, "ACTOR_MODEL")
+    rm_tok, _ = ppo.load_tokenizer(RM, "REWARD_MODEL")
+    prompts = ppo.load_prompts(os.path.join(ROOT, "data/ppo_eval.json"), tok, 128, "EVAL_FILE")[:4]
+    assert prompts[0][1].startswith("[INST] ") and prompts[0][1].endswith(" [/INST]")  # the actor's own template
+    rm = ppo.freeze(ppo.load_model("score", RM, "REWARD_MODEL", CPU, torch.float32))
+    scorer = ppo.RewardScorer(rm, rm_tok, tok, CPU)
+    assert not scorer.same_tokenizer
+    replies = ["The lamp is great and sturdy.", "It broke after a week.", "I really like the design.", "The kettle"]
+    ended = [True, True, True, False]
+    rows = [p[2] for p in prompts]
+    resp = [tok(r, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if e else []) for r, e in zip(replies, ended)]
+    q, qm = ppo.left_pad(rows, tok.pad_token_id, CPU)
+    width = max(map(len, resp))
+    r_ids = torch.full((4, width), tok.pad_token_id)
+    for i, r in enumerate(resp):
+        r_ids[i, :len(r)] = torch.tensor(r)
+    r_mask = r_ids != tok.pad_token_id
+    qr, am = torch.cat([q, r_ids], 1), torch.cat([qm, r_mask], 1)
+    decoded = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(r_ids, r_mask)]
+    assert decoded == replies
+    got = scorer(qr, am, q.shape[1], [p[0] for p in prompts], decoded, ended)
+    # the same conversations written out in the RM's own template and tokenised directly by the RM's tokenizer
+    for i, (p, reply, e) in enumerate(zip(prompts, replies, ended)):
+        text = f"<|user|>\n{p[0]}\n<|assistant|>\n{reply}" + ("<|eos|>" if e else "")
+        assert rm_tok.decode(scorer.rm_ids(p[0], reply, e)) == text
+        ids = torch.tensor([rm_tok(text, add_special_tokens=False)["input_ids"]])
+        direct = rm(ids, torch.ones_like(ids, dtype=torch.bool), torch.tensor([ids.shape[1] - 1]))
+        assert got[i].item() == pytest.approx(direct.item(), abs=1e-5)
+
+
+def test_two_ppo_steps_with_llama_actor_and_foreign_reward_model(llama_actor, tmp_path):
+    c = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
+    c.update(ACTOR_MODEL=llama_actor, REWARD_MODEL=RM, PROMPT_FILE=os.path.join(ROOT, "data/ppo_prompts.json"),
+             EVAL_FILE=os.path.join(ROOT, "data/ppo_eval.json"), EVAL_SIZE=4, GOLD_REWARD="", TOTAL_STEPS=2,
+             MINI_BATCH_SIZE=4, PPO_BUFFER_SIZE=1, PPO_EPOCHS=1, MAX_NEW_TOKENS=8, DEVICE="cpu",
+             OUTPUT_DIR=str(tmp_path), SAVE_MODEL=False)
+    s = ppo.train(c)
+    assert s["steps"] == 2 and s["models"]["reward_same_tokenizer"] is False
+    assert s["models"]["critic"] == llama_actor and any("zero-initialised value head" in n for n in s["notes"])
+    rows = list(csv.DictReader(open(tmp_path / "ppo_metrics/training_metrics.csv")))
+    assert len(rows) == 2 and all(float(r["val/mean_value"]) == float(r["val/mean_value"]) for r in rows)
+    # an explicit critic with another tokenizer is refused
+    with pytest.raises(ppo.ConfigError, match="different tokenizer"):
+        ppo.train(dict(c, CRITIC_MODEL=RM))
+
+
+def torchrun(args, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "code/ppo.py"), "--total_steps=2", "--mini_batch_size=2", "--grad_accum=2",
+           "--ppo_buffer_size=1", "--ppo_epochs=2", "--max_new_tokens=12", "--eval_size=8", "--device=cpu",
+           f"--output_dir={tmp_path}"] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+
+
+def test_torchrun_ddp_keeps_ranks_identical_and_writes_one_set_of_outputs(tmp_path):
+    r = torchrun([], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "ppo_metrics/training_metrics.csv")))
+    assert [int(x["step"]) for x in rows] == [1, 2] and int(rows[-1]["episodes"]) == 8
+    assert all(float(x["dist/ranks_in_sync"]) == 1.0 for x in rows)  # actor, critic and β equal on both ranks
+    s = json.load(open(tmp_path / "ppo_metrics/summary.json"))
+    assert s["derived"]["world_size"] == 2 and s["eval_before"]["kl"] == pytest.approx(0, abs=1e-5)
+    assert r.stdout.count("eval before:") == 1  # only rank 0 prints
+    assert sorted(os.listdir(tmp_path / "ppo_metrics")) == ["config.json", "samples.jsonl", "summary.json",
+                                                            "training_curves.png", "training_metrics.csv"]
+    # a global batch that does not share out over the processes is a clear error
+    bad = torchrun(["--grad_accum=1"], tmp_path / "bad")
+    assert bad.returncode != 0 and "does not divide by the 2 processes" in bad.stderr
+
+
+def test_torchrun_fsdp2_trains_and_saves_full_models(tmp_path):
+    r = torchrun(["--distributed=fsdp"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "ppo_metrics/training_metrics.csv")))
+    assert len(rows) == 2 and all(float(x["dist/ranks_in_sync"]) == 1.0 for x in rows)
+    assert all(0.5 < float(x["val/ratio"]) < 2 for x in rows)
+    from transformers import AutoModelForCausalLM
+    actor = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo_model/actor")
+    ref = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "data/models/demo-sft"))
+    moved = [not torch.equal(a, b) for a, b in zip(actor.parameters(), ref.parameters())]
+    assert any(moved)  # the gathered weights are the trained ones
+
+
+def test_bf16_compute_with_gradient_checkpointing(tmp_path):
+    """DTYPE=bfloat16 (autocast over fp32 master weights; frozen models stored in bf16) and gradient checkpointing
+    (train mode in the update; dropout is off, so the first ratio is still 1)."""
+    c = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
+    c.update(ACTOR_MODEL=os.path.join(ROOT, "data/models/demo-sft"), REWARD_MODEL=RM,
+             PROMPT_FILE=os.path.join(ROOT, "data/ppo_prompts.json"), EVAL_FILE="", GOLD_REWARD="", TOTAL_STEPS=2,
+             MINI_BATCH_SIZE=4, PPO_BUFFER_SIZE=2, PPO_EPOCHS=1, MAX_NEW_TOKENS=8, DEVICE="cpu", DTYPE="bfloat16",
+             GRADIENT_CHECKPOINTING=True, OFFLOAD_FROZEN=True, OUTPUT_DIR=str(tmp_path), SAVE_MODEL=False)
+    s = ppo.train(c)
+    assert s["derived"]["dtype"] == "bfloat16" and s["steps"] == 2
+    rows = list(csv.DictReader(open(tmp_path / "ppo_metrics/training_metrics.csv")))
+    assert all(abs(float(r["objective/kl"])) < 1.0 for r in rows)  # bf16 reference vs autocast actor: close, not equal
+    tok, actor, ref, scorer, critic, _, _ = ppo.load_roles(c, CPU, torch.bfloat16)
+    assert next(actor.parameters()).dtype == torch.float32 and next(ref.parameters()).dtype == torch.bfloat16
+    assert actor.is_activation_checkpointing
