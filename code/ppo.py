@@ -23,6 +23,8 @@ import math
 import os
 import random
 import re
+import shutil
+import signal
 import sys
 import time
 
@@ -71,6 +73,7 @@ LEARNING_RATE = 3e-5                     # AdamW, actor and critic (7B: 1e-6)
 ADAM_EPS = 1e-5                          # AdamW ε (N+ and OAI use 1e-5; PyTorch default 1e-8)
 WEIGHT_DECAY = 0.0                       # AdamW weight decay
 MAX_GRAD_NORM = 1.0                      # clip the joint gradient norm of actor + critic (0 = off)
+MAX_BAD_STEPS = 3                        # stop after this many steps in a row with a non-finite score, loss or gradient
 SEED = 0                                 # seeds python, numpy and torch: a CPU run is repeatable
 DEVICE = "auto"                          # "auto" = cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
 DTYPE = "auto"                           # "auto" = bfloat16 on a GPU that supports it, float32 elsewhere; or "float32"
@@ -86,6 +89,9 @@ GOLD_REWARD = "data/demo_gold_reward.py" # file with score(prompts, responses) -
 OUTPUT_DIR = "output"                    # ppo_metrics/ and ppo_model/ go here
 SAMPLE_EVERY = 25                        # write a few rollout samples to samples.jsonl every this many steps
 SAVE_MODEL = True                        # save the final actor and critic to OUTPUT_DIR/ppo_model/
+SAVE_EVERY = 50                          # checkpoint (models, optimizer, RNG, data position, metrics) every this many steps
+KEEP_CHECKPOINTS = 2                     # newest checkpoints kept in OUTPUT_DIR/checkpoints/
+RESUME = "auto"                          # "auto" = continue from the newest checkpoint of the same config; "never"; or a path
 
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper() and not k.startswith("_")]
 INVALID_LOGPROB = 1.0  # stored at masked (post-EOS) slots of both logprob tensors, so every KL estimator gives 0 there (N+)
@@ -93,6 +99,15 @@ INVALID_LOGPROB = 1.0  # stored at masked (post-EOS) slots of both logprob tenso
 
 class ConfigError(Exception):
     """An expected mistake in the user's input: reported as one line, exit code 2, no traceback."""
+
+
+class TrainingDiverged(Exception):
+    """MAX_BAD_STEPS steps in a row with non-finite numbers: reported as one line, exit code 3."""
+
+
+# settings that may change when a run is resumed: how long it runs and how it reports, not what it computes
+RESUMABLE_CHANGES = {"TOTAL_STEPS", "RESUME", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "EVAL_FILE", "EVAL_SIZE",
+                     "SAMPLE_EVERY", "OUTPUT_DIR", "SAVE_MODEL", "MAX_BAD_STEPS", "DEVICE"}
 
 
 # ---- command line: --name=value overrides, --help ------------------------------------------------------------------
@@ -154,8 +169,11 @@ def check_config(c):
     for k in ("MINI_BATCH_SIZE", "GRAD_ACCUM", "PPO_BUFFER_SIZE", "PPO_EPOCHS", "MAX_NEW_TOKENS", "MAX_PROMPT_TOKENS"):
         if c[k] < 1:
             raise ConfigError(f"{k} = {c[k]} must be a positive integer")
-    if c["TOTAL_STEPS"] < 0 or c["EVAL_EVERY"] < 0 or c["SAMPLE_EVERY"] < 0 or c["EVAL_SIZE"] < 0:
-        raise ConfigError("TOTAL_STEPS, EVAL_EVERY, SAMPLE_EVERY and EVAL_SIZE must be >= 0")
+    for k in ("TOTAL_STEPS", "EVAL_EVERY", "SAMPLE_EVERY", "EVAL_SIZE", "SAVE_EVERY"):
+        if c[k] < 0:
+            raise ConfigError(f"{k} = {c[k]} must be >= 0")
+    if c["KEEP_CHECKPOINTS"] < 1 or c["MAX_BAD_STEPS"] < 1:
+        raise ConfigError("KEEP_CHECKPOINTS and MAX_BAD_STEPS must be >= 1")
     for k in ("PPO_TARGET", "TEMPERATURE", "KL_HORIZON", "LEARNING_RATE"):
         if not c[k] > 0:
             raise ConfigError(f"{k} = {c[k]} must be > 0")
@@ -741,6 +759,10 @@ def rollout(actor, ref, critic, scorer, tok, prompts, c, device, beta, score_mom
 
 
 # ---- PPO update: step 7 ------------------------------------------------------------------------------------------------
+UPDATE_STATS = ("policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg", "loss/value_avg",
+                "val/clipfrac_avg", "val/ratio")
+
+
 def ppo_update(actor, critic, optimizer, params, batch, c):
     """PPO_EPOCHS passes over freshly shuffled minibatches of the rollout; one optimizer step per minibatch of
     MINI_BATCH_SIZE·GRAD_ACCUM sequences (GRAD_ACCUM micro-batches, shared out over the ranks under torchrun).
@@ -768,17 +790,16 @@ def ppo_update(actor, critic, optimizer, params, batch, c):
                                                   c["CLIP_RANGE_VALUE"])
                 loss = (pg_loss + c["VF_COEF"] * vf_loss) / grad_accum
                 loss.backward()
-                stats.append({"policy/approxkl_avg": pg["approxkl"].item(), "policy/clipfrac_avg": pg["clipfrac"].item(),
-                              "policy/entropy_avg": masked_mean(entropy, m).item(),
-                              "loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
-                              "val/clipfrac_avg": vf_clipfrac.item(), "val/ratio": pg["ratio"].item()})
-            if c["MAX_GRAD_NORM"] > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, c["MAX_GRAD_NORM"])
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            optimizer.step()
+                stats.append(dict(zip(UPDATE_STATS, (pg["approxkl"].item(), pg["clipfrac"].item(),
+                                                     masked_mean(entropy, m).item(), pg_loss.item(), vf_loss.item(),
+                                                     vf_clipfrac.item(), pg["ratio"].item()))))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, c["MAX_GRAD_NORM"] or float("inf"))
+            grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)().item()  # FSDP: a DTensor
+            skipped = not math.isfinite(grad_norm)  # a NaN/Inf loss or gradient: skip this update, keep the weights
+            if not skipped:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            stats[-1]["policy/grad_norm"] = getattr(grad_norm, "full_tensor", lambda: grad_norm)().item()  # FSDP: DTensor
+            stats[-1].update({"policy/grad_norm": grad_norm, "train/skipped_frac": float(skipped)})
     actor.eval(), critic.eval()
     return stats
 
@@ -922,6 +943,11 @@ def health_verdicts(df, target, eval_before, eval_after):
     ev = f(last, "val/explained_var")
     if ev < 0:
         out.append(f"CHECK: value explained variance {ev:.2f} < 0: the critic predicts returns worse than their mean")
+    n_bad = int((df["train/bad_scores"] > 0).sum()) if "train/bad_scores" in df else 0
+    n_skip = int((df["train/skipped_frac"] > 0).sum()) if "train/skipped_frac" in df else 0
+    if n_bad or n_skip:
+        out.append(f"WARNING: non-finite numbers: {n_bad} steps had a NaN/Inf score (not trained on), {n_skip} steps "
+                   f"skipped updates for a NaN/Inf loss or gradient; check the reward model, lower LEARNING_RATE")
     if "dist/ranks_in_sync" in df and (df["dist/ranks_in_sync"] < 1).any():
         out.append("WARNING: the ranks' weights or β diverged at some step (dist/ranks_in_sync = 0); results are not "
                    "those of one consistent model")
@@ -1043,6 +1069,112 @@ def save_models(actor, critic, tok, model_dir, master):
             tok.save_pretrained(os.path.join(model_dir, name))
 
 
+# ---- checkpoints: everything needed to continue a run exactly -------------------------------------------------------
+def rng_state(prompt_rng):
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "prompt_order": prompt_rng.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, prompt_rng):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    prompt_rng.set_state(state["prompt_order"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trained_state(actor, critic, optimizer, fsdp):
+    """(model state, optimizer state) of actor + critic; under FSDP gathered in full to the CPU (a collective)."""
+    pair = torch.nn.ModuleDict({"actor": actor, "critic": critic})
+    if not fsdp:
+        return pair.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(pair, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_trained_state(actor, critic, optimizer, model_state, optim_state, fsdp):
+    pair = torch.nn.ModuleDict({"actor": actor, "critic": critic})
+    if not fsdp:
+        pair.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(pair, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def list_checkpoints(ckpt_dir):
+    """Finished checkpoints, oldest first (a half-written one still has its .tmp name and is ignored)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d{8}", n))
+    return [os.path.join(ckpt_dir, n) for n in names if os.path.isfile(os.path.join(ckpt_dir, n, "meta.json"))]
+
+
+def save_checkpoint(ckpt_dir, keep, step, actor, critic, optimizer, state, prompt_rng, fsdp, master):
+    """Write OUTPUT_DIR/checkpoints/step_XXXXXXXX/state.pt atomically (a .tmp folder, then rename); keep the newest
+    `keep`. Every rank takes part (its RNG state; FSDP gathers the shards); rank 0 writes."""
+    model_state, optim_state = trained_state(actor, critic, optimizer, fsdp)
+    rngs = all_gather_list([rng_state(prompt_rng)])
+    if master:
+        final = os.path.join(ckpt_dir, f"step_{step:08d}")
+        tmp = final + ".tmp"
+        os.makedirs(tmp, exist_ok=True)
+        torch.save({"models": model_state, "optimizer": optim_state, "rng": rngs, **state}, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:  # read without loading the weights
+            json.dump({"step": step, "config": state["config"]}, f, indent=1)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old)
+    if dist_on():
+        torch.distributed.barrier()
+    return os.path.join(ckpt_dir, f"step_{step:08d}")
+
+
+def read_meta(path):
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)
+
+
+def config_differences(saved, c):
+    """Settings that differ between a checkpoint's config and this run's, ignoring those a resume may change."""
+    return [f"{k} {saved.get(k)!r} -> {c[k]!r}" for k in CONFIG_KEYS
+            if k not in RESUMABLE_CHANGES and saved.get(k) != c[k]]
+
+
+def choose_checkpoint(c, ckpt_dir, log):
+    """RESUME: "never"; "auto" = the newest checkpoint of this output folder when its config matches (otherwise
+    start fresh, with the old checkpoints moved aside, never deleted); or a path that must match.
+    Returns (checkpoint path or None, whether old checkpoints must be moved aside)."""
+    if c["RESUME"] == "never":
+        return None, bool(list_checkpoints(ckpt_dir))
+    if c["RESUME"] != "auto":
+        path = c["RESUME"]
+        path = path if os.path.isfile(os.path.join(path, "state.pt")) else (list_checkpoints(path) or [path])[-1]
+        if not os.path.isfile(os.path.join(path, "state.pt")):
+            raise ConfigError(f"RESUME {c['RESUME']!r} holds no checkpoint (a step_XXXXXXXX folder with state.pt); "
+                              f"give one, or --resume=auto / --resume=never")
+        diff = config_differences(read_meta(path)["config"], c)
+        if diff:
+            raise ConfigError(f"checkpoint {path} comes from a different config ({'; '.join(diff[:3])}); resume with "
+                              f"its settings, or start over with --resume=never")
+        return path, False
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        return None, False
+    diff = config_differences(read_meta(found[-1])["config"], c)
+    if not diff:
+        return found[-1], False
+    log(f"note: not resuming {found[-1]}: the config changed ({'; '.join(diff[:3])}); starting fresh")
+    return None, True
+
+
 def params_checksum(modules):
     """One number per rank that differs when the ranks' parameters differ (DDP must keep them identical)."""
     with torch.no_grad():
@@ -1082,6 +1214,79 @@ def step_metrics(step, rollout_batch, batch, mb_stats, beta, gold, batch_prompts
                 **{"eval/rm_score": float("nan"), "eval/gold_score": float("nan"), "eval/kl": float("nan")})
 
 
+def resume_command(c):
+    """The command that continues this run: RESUME=auto finds the checkpoint, the overrides are those of this run."""
+    args = [f"--{k.lower()}={c[k]}" for k in CONFIG_KEYS if c[k] != globals()[k]]
+    launcher = "torchrun --nproc_per_node N" if dist_on() else "python"
+    return " ".join([launcher, "code/ppo.py"] + args)
+
+
+def build_summary(status, state, c, derived, notes, models, data, files, eval_after=None, detail_after=None):
+    """summary.json: the run at a glance, health verdicts first."""
+    df = pd.DataFrame(state["rows"])
+    eval_before, detail_before = state["eval_before"], state["detail_before"]
+    samples = []
+    if detail_before and detail_after:
+        for i in range(min(8, len(detail_before["replies"]))):
+            samples.append({"prompt": detail_before["prompts"][i],
+                            "reply_before": detail_before["replies"][i], "reply_after": detail_after["replies"][i],
+                            "rm_before": round(detail_before["rm"][i], 3), "rm_after": round(detail_after["rm"][i], 3),
+                            "gold_before": detail_before["gold"][i], "gold_after": detail_after["gold"][i]})
+    rows = state["rows"]
+    return {
+        "status": status,
+        "health": health_verdicts(df, c["PPO_TARGET"], eval_before, eval_after),
+        "eval_before": eval_before, "eval_after": eval_after, "eval_points": state["eval_points"],
+        "metrics": {k: summarise(df, k) for k in ("objective/scores", "objective/gold_scores", "objective/kl",
+                                                   "objective/kl_coef", "objective/entropy", "policy/entropy_avg",
+                                                   "policy/clipfrac_avg", "policy/approxkl_avg", "loss/policy_avg",
+                                                   "loss/value_avg", "val/explained_var", "resp/length_mean",
+                                                   "resp/eos_frac", "resp/repetition")},
+        "steps": state["step"], "episodes": state["step"] * derived["ROLLOUT_BATCH"],
+        "wall_time_s": round(state["wall_s"], 2),
+        "time_split_s": {k: round(v, 2) for k, v in state["timing"].items()},
+        "step_time_s_median": float(np.median([r["time/generate_s"] + r["time/score_s"] + r["time/train_s"]
+                                               for r in rows])) if rows else None,
+        "resume_command": resume_command(c) if status != "finished" else None,
+        "models": models, "data": data, "samples": samples, "files": files,
+        "config": {k: c[k] for k in CONFIG_KEYS}, "derived": derived, "notes": notes,
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+    }
+
+
+def write_reports(summary, state, metrics_dir, c):
+    """summary.json and training_curves.png, each written atomically."""
+    if state["rows"]:
+        plot_curves(pd.DataFrame(state["rows"]), os.path.join(metrics_dir, "training_curves.png"), c["PPO_TARGET"],
+                    state["eval_points"])
+    atomic_write(os.path.join(metrics_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM: the first asks to stop after the step in flight (checkpoint and reports are written);
+    a second stops at once."""
+
+    def __init__(self, log):
+        self.signum, self.log = 0, log
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)")
+
+    def any_rank(self):
+        return bool(all_reduce_sum(torch.tensor([self.signum], device=DIST_DEVICE)).item()) if dist_on() \
+            else bool(self.signum)
+
+    def restore(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
 def train(c):
     """The whole run for the resolved config `c` ({NAME: value}); returns the summary dict (rank 0) or None."""
     rollout_batch = check_config(c)
@@ -1094,6 +1299,7 @@ def train(c):
     dtype = pick_dtype(c["DTYPE"], device)
     metrics_dir = os.path.join(c["OUTPUT_DIR"], "ppo_metrics")
     model_dir = os.path.join(c["OUTPUT_DIR"], "ppo_model")
+    ckpt_dir = os.path.join(c["OUTPUT_DIR"], "checkpoints")
     try:
         os.makedirs(metrics_dir, exist_ok=True)
         probe = os.path.join(metrics_dir, f".write_test{rank}")
@@ -1131,9 +1337,6 @@ def train(c):
     derived = {"ROLLOUT_BATCH": rollout_batch, "world_size": world, "device": str(device),
                "dtype": str(dtype).replace("torch.", ""), "REF_MODEL": ref_path, "CRITIC_MODEL": critic_path,
                "threads": torch.get_num_threads()}
-    if master:
-        atomic_write(os.path.join(metrics_dir, "config.json"),
-                     lambda f: json.dump({"config": config_out, "derived": derived}, f, indent=1))
     log("config:", " ".join(f"{k}={v!r}" for k, v in config_out.items()))
     log("derived:", " ".join(f"{k}={v}" for k, v in derived.items()))
     for n in notes:
@@ -1141,85 +1344,174 @@ def train(c):
     log(f"models: actor {actor.num_parameters():,} params, critic {critic.model.num_parameters():,}, reward model "
         f"{'same tokenizer' if scorer.same_tokenizer else 'own tokenizer (re-tokenising replies)'}; "
         f"prompts: {len(prompts)} train, {len(eval_prompts)} eval")
-    torch.manual_seed(c["SEED"] + rank)  # each rank samples its own replies
-    prompt_rng = torch.Generator().manual_seed(c["SEED"])  # the same prompt order on every rank
-
     csv_path = os.path.join(metrics_dir, "training_metrics.csv")
     samples_path = os.path.join(metrics_dir, "samples.jsonl")
-    for p in (csv_path, samples_path):
-        if master and os.path.exists(p):
-            os.remove(p)
-    t_run = time.perf_counter()
-    timing = {"generate": 0.0, "score": 0.0, "train": 0.0, "eval": 0.0}
+    models = {"actor": c["ACTOR_MODEL"], "reference": ref_path, "reward": c["REWARD_MODEL"], "critic": critic_path,
+              "actor_params": actor.num_parameters(), "critic_params": critic.model.num_parameters(),
+              "reward_same_tokenizer": scorer.same_tokenizer}
+    data = {"prompt_file": c["PROMPT_FILE"], "train_prompts": len(prompts), "eval_file": c["EVAL_FILE"],
+            "eval_prompts": len(eval_prompts)}
+    files = {"curves": os.path.join(metrics_dir, "training_curves.png"), "metrics_csv": csv_path,
+             "config": os.path.join(metrics_dir, "config.json"), "samples": samples_path,
+             "checkpoints": ckpt_dir, "model": model_dir if c["SAVE_MODEL"] else None}
+
+    # the run's state: all a checkpoint needs, besides models, optimizer and RNG
+    state = {"step": 0, "order": [], "cursor": 0, "rows": [], "eval_points": [], "eval_before": None,
+             "detail_before": None, "kl_coef": kl_ctl.value, "score_moments": None, "bad_streak": 0,
+             "timing": {"generate": 0.0, "score": 0.0, "train": 0.0, "eval": 0.0}, "wall_s": 0.0, "config": config_out}
+    t_session = time.perf_counter()  # wall time = earlier sessions of this run (from the checkpoint) + this one
+    prompt_rng = torch.Generator().manual_seed(c["SEED"])  # the same prompt order on every rank
 
     def run_eval(step):
         t0 = time.perf_counter()
         with autocast(device, dtype):
             res, detail = evaluate(actor, ref, scorer, tok, eval_prompts, c, device, gold, c["SEED"] + 1, fsdp)
-        timing["eval"] += time.perf_counter() - t0
+        state["timing"]["eval"] += time.perf_counter() - t0
+        detail["prompts"] = [p[0] for p in eval_prompts]
         return dict(res, step=step), detail
 
-    eval_points = []
-    eval_before, detail_before = run_eval(0) if eval_prompts else (None, None)
-    if eval_before:
-        eval_points.append(eval_before)
-        log("eval before:", json.dumps({k: round(v, 3) for k, v in eval_before.items()}))
+    resume_path, move_aside = choose_checkpoint(c, ckpt_dir, log)
+    if resume_path:
+        saved = torch.load(os.path.join(resume_path, "state.pt"), map_location="cpu", weights_only=False)
+        load_trained_state(actor, critic, optimizer, saved["models"], saved["optimizer"], fsdp)
+        state.update({k: saved[k] for k in state if k != "config"})
+        kl_ctl.value = state["kl_coef"]
+        if score_moments is not None and state["score_moments"]:
+            score_moments.__dict__.update(state["score_moments"])
+        set_rng_state(saved["rng"][rank], prompt_rng)
+        log(f"resuming from {resume_path}: step {state['step']}, β {kl_ctl.value:.4f}")
+        if state["step"] >= c["TOTAL_STEPS"]:
+            log(f"the run in {c['OUTPUT_DIR']} already has {state['step']} steps (TOTAL_STEPS = {c['TOTAL_STEPS']}); "
+                f"extend it with --total_steps=N, or start over with --resume=never")
+            return None
+    else:
+        torch.manual_seed(c["SEED"] + rank)  # each rank samples its own replies
+        if eval_prompts:  # before anything is written: a failing gold file leaves earlier outputs intact
+            state["eval_before"], state["detail_before"] = run_eval(0)
+            state["eval_points"].append(state["eval_before"])
+            log("eval before:", json.dumps({k: round(v, 3) for k, v in state["eval_before"].items()}))
 
-    rows, order, cursor = [], [], 0
-    writer, csv_file = None, None
-    bar = tqdm(range(1, c["TOTAL_STEPS"] + 1), desc="PPO", dynamic_ncols=True, disable=not master)
+    # from here on the run writes into OUTPUT_DIR
+    if master:
+        if move_aside:
+            aside = f"{ckpt_dir}_before_{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(ckpt_dir, aside)
+            log(f"note: the earlier checkpoints are kept in {aside}")
+        atomic_write(os.path.join(metrics_dir, "config.json"),
+                     lambda f: json.dump({"config": config_out, "derived": derived}, f, indent=1))
+        if not resume_path and os.path.exists(samples_path):
+            os.remove(samples_path)
+        csv_file = open(csv_path + ".tmp", "w", newline="", encoding="utf-8")  # the rows so far, then appended
+        writer = None
+        if state["rows"]:
+            writer = csv.DictWriter(csv_file, fieldnames=list(state["rows"][0]))
+            writer.writeheader()
+            writer.writerows(state["rows"])
+            csv_file.flush()
+        os.replace(csv_path + ".tmp", csv_path)
+    stop = StopFlag(log)
+    last_saved = state["step"] if resume_path else -1
+
+    def tick():
+        nonlocal t_session
+        now = time.perf_counter()
+        state["wall_s"] += now - t_session
+        t_session = now
+
+    def checkpoint():
+        tick()
+        state["kl_coef"] = kl_ctl.value
+        state["score_moments"] = dict(score_moments.__dict__) if score_moments is not None else None
+        return save_checkpoint(ckpt_dir, c["KEEP_CHECKPOINTS"], state["step"], actor, critic, optimizer, state,
+                               prompt_rng, fsdp, master)
+
+    bar = tqdm(range(state["step"] + 1, c["TOTAL_STEPS"] + 1), desc="PPO", dynamic_ncols=True, disable=not master,
+               initial=state["step"], total=c["TOTAL_STEPS"])
     for step in bar:
-        if cursor + rollout_batch > len(order):  # a fresh shuffle of the prompts each pass over them
-            order, cursor = torch.randperm(len(prompts), generator=prompt_rng).tolist(), 0
-        batch_prompts = [prompts[i] for i in order[cursor + rank * per_rank:cursor + (rank + 1) * per_rank]]
-        cursor += rollout_batch
+        if state["cursor"] + rollout_batch > len(state["order"]):  # a fresh shuffle of the prompts each pass
+            state["order"], state["cursor"] = torch.randperm(len(prompts), generator=prompt_rng).tolist(), 0
+        cursor = state["cursor"]
+        batch_prompts = [prompts[i] for i in state["order"][cursor + rank * per_rank:cursor + (rank + 1) * per_rank]]
+        state["cursor"] += rollout_batch
 
         # steps 1-6: rollout, truncate, logprobs/values, scores, KL-shaped rewards, GAE
         beta = kl_ctl.value
         with autocast(device, dtype):
             batch = rollout(actor, ref, critic, scorer, tok, batch_prompts, c, device, beta, score_moments, fsdp)
-        # step 7: PPO epochs over minibatches
+        # step 7: PPO epochs over minibatches; a batch with a non-finite score is not trained on
         t0 = time.perf_counter()
-        with autocast(device, dtype):
-            mb_stats = ppo_update(actor_train, critic_train, optimizer, params, batch, c)
+        scores_ok = all_reduce_sum(torch.isfinite(batch["scores"]).all().logical_not().float()).item() == 0
+        if scores_ok:
+            with autocast(device, dtype):
+                mb_stats = ppo_update(actor_train, critic_train, optimizer, params, batch, c)
+        else:
+            mb_stats = [dict({k: float("nan") for k in UPDATE_STATS}, **{"policy/grad_norm": float("nan"),
+                                                                           "train/skipped_frac": 1.0})]
         t_train = time.perf_counter() - t0
         # step 8: log; β from this batch's mean KL per reply, over all ranks (once per step, after the epochs: OAI)
         row = step_metrics(step, rollout_batch, batch, mb_stats, beta, gold, batch_prompts, optimizer, t_train)
-        kl_ctl.update(row["objective/kl"], rollout_batch)
+        row["train/bad_scores"] = float(not scores_ok)
+        if math.isfinite(row["objective/kl"]):
+            kl_ctl.update(row["objective/kl"], rollout_batch)
         if dist_on():  # every rank must hold the same β and (DDP) the same weights; FSDP shards differ by design
             seen = all_gather_list([(kl_ctl.value, None if fsdp else params_checksum([actor, critic]))])
             row["dist/ranks_in_sync"] = float(all(x == seen[0] for x in seen))
-        timing["generate"] += batch["time_generate"]
-        timing["score"] += batch["time_score"]
-        timing["train"] += t_train
+        for k, key in (("generate", "time/generate_s"), ("score", "time/score_s"), ("train", "time/train_s")):
+            state["timing"][k] += row[key]
         if eval_prompts and c["EVAL_EVERY"] and step % c["EVAL_EVERY"] == 0 and step < c["TOTAL_STEPS"]:
             ev, _ = run_eval(step)
-            eval_points.append(ev)
+            state["eval_points"].append(ev)
             row.update({"eval/rm_score": ev["rm_score"], "eval/gold_score": ev.get("gold_score", float("nan")),
                         "eval/kl": ev["kl"]})
-        rows.append(row)
-        if not master:
-            continue
-        if writer is None:  # append row by row: a crash loses at most the step in flight
-            csv_file = open(csv_path, "w", newline="", encoding="utf-8")
-            writer = csv.DictWriter(csv_file, fieldnames=list(row))
-            writer.writeheader()
-        writer.writerow(row)
-        csv_file.flush()
-        if c["SAMPLE_EVERY"] and (step == 1 or step % c["SAMPLE_EVERY"] == 0):
-            with open(samples_path, "a", encoding="utf-8") as f:
-                for p, r, s in list(zip(batch_prompts, batch["replies"], batch["scores"].tolist()))[:4]:
-                    f.write(json.dumps({"step": step, "prompt": p[0], "reply": r, "score": round(s, 4)}) + "\n")
-        bar.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{row['objective/kl']:.2f}", beta=f"{beta:.3f}",
-                        **({"gold": f"{row['objective/gold_scores']:.2f}"} if gold else {}))
+        state["rows"].append(row)
+        state["step"] = step
+        bad = not scores_ok or row["train/skipped_frac"] > 0
+        state["bad_streak"] = state["bad_streak"] + 1 if bad else 0
+        if master:
+            if writer is None:  # append row by row: a crash loses at most the step in flight
+                writer = csv.DictWriter(csv_file, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+            csv_file.flush()
+            if c["SAMPLE_EVERY"] and (step == 1 or step % c["SAMPLE_EVERY"] == 0):
+                with open(samples_path, "a", encoding="utf-8") as f:
+                    for p, r, sc in list(zip(batch_prompts, batch["replies"], batch["scores"].tolist()))[:4]:
+                        f.write(json.dumps({"step": step, "prompt": p[0], "reply": r, "score": round(sc, 4)}) + "\n")
+            bar.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{row['objective/kl']:.2f}",
+                            beta=f"{beta:.3f}", **({"gold": f"{row['objective/gold_scores']:.2f}"} if gold else {}))
+        if state["bad_streak"] >= c["MAX_BAD_STEPS"]:
+            kept = list_checkpoints(ckpt_dir)
+            raise TrainingDiverged(
+                f"{state['bad_streak']} PPO steps in a row had a non-finite score, loss or gradient (step {step}); "
+                f"the last good checkpoint is {kept[-1] if kept else 'none'}: lower LEARNING_RATE or check the "
+                f"reward model, then resume")
+        interrupted = stop.any_rank()
+        if not bad and (interrupted or step == c["TOTAL_STEPS"] or (c["SAVE_EVERY"] and step % c["SAVE_EVERY"] == 0)):
+            checkpoint()
+            last_saved = step
+            if master and not interrupted and step < c["TOTAL_STEPS"]:
+                write_reports(build_summary("running", state, c, derived, notes, models, data, files), state,
+                              metrics_dir, c)
+        if interrupted:
+            break
     bar.close()
-    if csv_file:
+    stop.restore()
+    if master:
         csv_file.close()
 
-    eval_after, detail_after = (None, None)
+    if stop.signum or state["step"] < c["TOTAL_STEPS"]:
+        log(f"interrupted after step {state['step']}; checkpoint {'saved' if last_saved == state['step'] else 'not saved'}"
+            f"; continue with: {resume_command(c)}")
+        if master:
+            tick()
+            summary = build_summary("interrupted", state, c, derived, notes, models, data, files)
+            summary["interrupted_by"] = signal.Signals(stop.signum).name if stop.signum else None
+            write_reports(summary, state, metrics_dir, c)
+        return {"status": "interrupted", "signum": stop.signum}
+    eval_after, detail_after = None, None
     if eval_prompts:
         eval_after, detail_after = run_eval(c["TOTAL_STEPS"])
-        eval_points.append(eval_after)
+        state["eval_points"].append(eval_after)
         log("eval after: ", json.dumps({k: round(v, 3) for k, v in eval_after.items()}))
     if c["SAVE_MODEL"]:
         save_models(actor, critic, tok, model_dir, master)
@@ -1227,47 +1519,12 @@ def train(c):
         torch.distributed.barrier()
     if not master:
         return None
-
-    df = pd.DataFrame(rows)
-    curves_path = os.path.join(metrics_dir, "training_curves.png")
-    if len(df):
-        plot_curves(df, curves_path, c["PPO_TARGET"], eval_points)
-    samples = []
-    if detail_before and detail_after:
-        for i in range(min(8, len(eval_prompts))):
-            samples.append({"prompt": eval_prompts[i][0],
-                            "reply_before": detail_before["replies"][i], "reply_after": detail_after["replies"][i],
-                            "rm_before": round(detail_before["rm"][i], 3), "rm_after": round(detail_after["rm"][i], 3),
-                            "gold_before": detail_before["gold"][i], "gold_after": detail_after["gold"][i]})
-    wall = time.perf_counter() - t_run
-    summary = {
-        "status": "finished",
-        "health": health_verdicts(df, c["PPO_TARGET"], eval_before, eval_after),
-        "eval_before": eval_before, "eval_after": eval_after, "eval_points": eval_points,
-        "metrics": {k: summarise(df, k) for k in ("objective/scores", "objective/gold_scores", "objective/kl",
-                                                   "objective/kl_coef", "objective/entropy", "policy/entropy_avg",
-                                                   "policy/clipfrac_avg", "policy/approxkl_avg", "loss/policy_avg",
-                                                   "loss/value_avg", "val/explained_var", "resp/length_mean",
-                                                   "resp/eos_frac", "resp/repetition")},
-        "steps": len(rows), "episodes": len(rows) * rollout_batch,
-        "wall_time_s": round(wall, 2), "time_split_s": {k: round(v, 2) for k, v in timing.items()},
-        "step_time_s_median": float(np.median([r["time/generate_s"] + r["time/score_s"] + r["time/train_s"]
-                                               for r in rows])) if rows else None,
-        "models": {"actor": c["ACTOR_MODEL"], "reference": ref_path, "reward": c["REWARD_MODEL"],
-                   "critic": critic_path, "actor_params": actor.num_parameters(),
-                   "critic_params": critic.model.num_parameters(), "reward_same_tokenizer": scorer.same_tokenizer},
-        "data": {"prompt_file": c["PROMPT_FILE"], "train_prompts": len(prompts), "eval_file": c["EVAL_FILE"],
-                 "eval_prompts": len(eval_prompts)},
-        "samples": samples,
-        "files": {"curves": curves_path, "metrics_csv": csv_path, "config": os.path.join(metrics_dir, "config.json"),
-                  "samples": samples_path, "model": model_dir if c["SAVE_MODEL"] else None},
-        "config": config_out, "derived": derived, "notes": notes,
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__},
-    }
-    atomic_write(os.path.join(metrics_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
+    tick()
+    summary = build_summary("finished", state, c, derived, notes, models, data, files, eval_after, detail_after)
+    write_reports(summary, state, metrics_dir, c)
     log("health:\n  " + "\n  ".join(summary["health"]))
-    log(f"done in {wall:.0f}s; read {metrics_dir}/summary.json, then training_curves.png, then training_metrics.csv")
+    log(f"done in {summary['wall_time_s']:.0f}s; read {metrics_dir}/summary.json, then training_curves.png, then "
+        f"training_metrics.csv")
     return summary
 
 
@@ -1280,13 +1537,25 @@ def resolve_config(argv):
     return config
 
 
-if __name__ == "__main__":
+def main(argv):
+    """Exit codes: 0 done, 2 bad input, 3 diverged (non-finite numbers), 130 / 143 stopped by Ctrl-C / SIGTERM."""
+    say = (lambda msg: print(msg, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda msg: None)
     try:
-        train(resolve_config(sys.argv[1:]))
+        result = train(resolve_config(argv))
+        return 128 + result["signum"] if result and result.get("status") == "interrupted" and result["signum"] else 0
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        say(f"error: {e}")
+        return 2
+    except TrainingDiverged as e:
+        say(f"error: {e}")
+        return 3
+    except KeyboardInterrupt:
+        say("\nstopped at once; the newest checkpoint in OUTPUT_DIR/checkpoints resumes the run (RESUME=auto)")
+        return 130
     finally:
         if dist_on():
             torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

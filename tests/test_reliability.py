@@ -1,0 +1,229 @@
+"""Never lose a run: exact resume, clean interrupts, NaN guard, and one clear line for each kind of bad input."""
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ppo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "code/ppo.py")
+SFT, RM = os.path.join(ROOT, "data/models/demo-sft"), os.path.join(ROOT, "data/models/demo-rm")
+SMALL = ["--mini_batch_size=4", "--ppo_buffer_size=1", "--ppo_epochs=2", "--max_new_tokens=12", "--eval_size=8",
+         "--eval_every=0", "--device=cpu", "--save_model=false"]
+
+
+def config(tmp_path, **kw):
+    c = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
+    c.update(ACTOR_MODEL=SFT, REWARD_MODEL=RM, PROMPT_FILE=os.path.join(ROOT, "data/ppo_prompts.json"),
+             EVAL_FILE=os.path.join(ROOT, "data/ppo_eval.json"), GOLD_REWARD=os.path.join(ROOT, "data/demo_gold_reward.py"),
+             MINI_BATCH_SIZE=4, PPO_BUFFER_SIZE=1, PPO_EPOCHS=2, MAX_NEW_TOKENS=12, EVAL_SIZE=8, EVAL_EVERY=0,
+             DEVICE="cpu", SAVE_MODEL=False, OUTPUT_DIR=str(tmp_path))
+    c.update(kw)
+    return c
+
+
+def rows(out):
+    return list(csv.DictReader(open(os.path.join(out, "ppo_metrics/training_metrics.csv"))))
+
+
+def same_rows(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for k in x:
+            if not k.startswith("time/"):
+                assert float(x[k]) == pytest.approx(float(y[k]), abs=1e-6, nan_ok=True), k
+
+
+def test_four_steps_equal_two_then_two_resumed(tmp_path):
+    ppo.train(config(tmp_path / "a", TOTAL_STEPS=4))
+    ppo.train(config(tmp_path / "b", TOTAL_STEPS=2))
+    s = ppo.train(config(tmp_path / "b", TOTAL_STEPS=4))  # RESUME=auto continues from step 2
+    assert s["status"] == "finished" and s["steps"] == 4
+    same_rows(rows(tmp_path / "a"), rows(tmp_path / "b"))
+    assert sorted(os.listdir(tmp_path / "b/checkpoints")) == ["step_00000002", "step_00000004"]
+    # a finished run is not redone: outputs stay as they are
+    before = (tmp_path / "b/ppo_metrics/summary.json").read_bytes()
+    assert ppo.train(config(tmp_path / "b", TOTAL_STEPS=4)) is None
+    assert (tmp_path / "b/ppo_metrics/summary.json").read_bytes() == before
+
+
+def test_checkpoints_rotate_and_a_changed_config_starts_fresh_keeping_the_old_ones(tmp_path, capsys):
+    ppo.train(config(tmp_path, TOTAL_STEPS=5, SAVE_EVERY=1, KEEP_CHECKPOINTS=2))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004", "step_00000005"]
+    meta = json.load(open(tmp_path / "checkpoints/step_00000005/meta.json"))
+    assert meta["step"] == 5 and meta["config"]["SAVE_EVERY"] == 1
+    s = ppo.train(config(tmp_path, TOTAL_STEPS=2, LEARNING_RATE=1e-5))
+    assert s["steps"] == 2 and "config changed (LEARNING_RATE" in capsys.readouterr().out
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("checkpoints_before_")]
+    assert len(aside) == 1 and sorted(os.listdir(tmp_path / aside[0])) == ["step_00000004", "step_00000005"]
+    # an explicit checkpoint of another config is a clear error
+    with pytest.raises(ppo.ConfigError, match="different config"):
+        ppo.train(config(tmp_path / "x", RESUME=str(tmp_path / aside[0]), LEARNING_RATE=1e-5))
+
+
+def wait_for_rows(path, n, proc, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read()[-2000:])
+        if os.path.exists(path) and sum(1 for _ in open(path)) > n:
+            return
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def test_sigterm_stops_after_the_step_in_flight_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, SCRIPT, f"--output_dir={out}", "--total_steps=500", "--save_every=1000"] + SMALL
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(out / "ppo_metrics/training_metrics.csv", 2, p)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 143
+    s = json.load(open(out / "ppo_metrics/summary.json"))
+    done = len(rows(out))
+    assert s["status"] == "interrupted" and s["interrupted_by"] == "SIGTERM" and s["steps"] == done
+    assert "code/ppo.py" in s["resume_command"] and "--total_steps=500" in s["resume_command"]
+    assert os.listdir(out / "checkpoints") == [f"step_{done:08d}"]
+    assert (out / "ppo_metrics/training_curves.png").exists()
+    r = subprocess.run([sys.executable, SCRIPT, f"--output_dir={out}", f"--total_steps={done + 2}",
+                        "--save_every=1000"] + SMALL, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"step {done}" in r.stdout
+    assert [int(x["step"]) for x in rows(out)] == list(range(1, done + 3))
+
+
+def test_kill_9_resumes_from_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, SCRIPT, f"--output_dir={out}", "--total_steps=500", "--save_every=2"] + SMALL
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(out / "ppo_metrics/training_metrics.csv", 5, p)
+    p.kill()
+    p.wait()
+    last = int(os.path.basename(ppo.list_checkpoints(out / "checkpoints")[-1]).split("_")[1])  # not a half-written one
+    r = subprocess.run([sys.executable, SCRIPT, f"--output_dir={out}", f"--total_steps={last + 1}",
+                        "--save_every=2"] + SMALL, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming from {out}/checkpoints/step_{last:08d}" in r.stdout
+    assert [int(x["step"]) for x in rows(out)] == list(range(1, last + 2))  # rows after the checkpoint are redone
+
+
+def test_non_finite_gradients_skip_the_update():
+    c = config("unused", GRAD_ACCUM=1, PPO_EPOCHS=1)
+    actor = ppo.load_model("causal", SFT, "ACTOR_MODEL", torch.device("cpu"), torch.float32)
+    critic = ppo.load_model("score", RM, "CRITIC_MODEL", torch.device("cpu"), torch.float32)
+    tok, _ = ppo.load_tokenizer(SFT, "ACTOR_MODEL")
+    ref = ppo.freeze(ppo.load_model("causal", SFT, "REF_MODEL", torch.device("cpu"), torch.float32))
+    scorer = ppo.RewardScorer(ppo.freeze(ppo.load_model("score", RM, "REWARD_MODEL", torch.device("cpu"),
+                                                        torch.float32)), tok, tok, torch.device("cpu"))
+    prompts = ppo.load_prompts(c["PROMPT_FILE"], tok, 128, "PROMPT_FILE")[:4]
+    batch = ppo.rollout(actor, ref, critic, scorer, tok, prompts, c, torch.device("cpu"), 0.1)
+    batch["advantages"] = batch["advantages"].masked_fill(batch["mask"], float("nan"))
+    params = list(actor.parameters()) + list(critic.parameters())
+    before = [p.clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    stats = ppo.ppo_update(actor, critic, opt, params, batch, c)
+    assert stats[-1]["train/skipped_frac"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and all(p.grad is None for p in params)
+
+
+def test_steps_of_nan_scores_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
+    ppo.train(config(tmp_path, TOTAL_STEPS=2))
+    real = ppo.RewardScorer.__call__
+    monkeypatch.setattr(ppo.RewardScorer, "__call__",
+                        lambda self, *a: real(self, *a) if a[0].shape[0] > 4 else torch.full((a[0].shape[0],), float("nan")))
+    with pytest.raises(ppo.TrainingDiverged, match=r"3 PPO steps in a row .*step_00000002"):
+        ppo.train(config(tmp_path, TOTAL_STEPS=10, EVAL_EVERY=0))
+    r = rows(tmp_path)
+    assert [float(x["train/bad_scores"]) for x in r] == [0, 0, 1, 1, 1]
+    assert os.listdir(tmp_path / "checkpoints") == ["step_00000002"]
+    s = ppo.health_verdicts(__import__("pandas").DataFrame([{k: float(v) for k, v in x.items()} for x in r]), 6.0,
+                            None, None)
+    assert any("non-finite" in h for h in s)
+
+
+# ---- bad input: one line, exit 2, no traceback, earlier outputs untouched -------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    r = subprocess.run([sys.executable, SCRIPT, f"--output_dir={out}", "--total_steps=2"] + SMALL, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def snapshot(out):
+    return {p: open(os.path.join(d, p), "rb").read() for d, _, fs in os.walk(out) for p in fs}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "no_score.py").write_text("def other(p, r):\n    return [0.0]\n")
+    (d / "wrong_count.py").write_text("def score(p, r):\n    return [1.0]\n")
+    (d / "nan.py").write_text("def score(p, r):\n    return [float('nan')] * len(r)\n")
+    (d / "empty.json").write_text("[]")
+    (d / "not_json.txt").write_text("instruction: hello\n")
+    (d / "no_instruction.jsonl").write_text('{"input": "x"}\n')
+    (d / "a_file").write_text("x")
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    two = GPT2ForSequenceClassification(GPT2Config(vocab_size=800, n_embd=16, n_layer=1, n_head=2, num_labels=2))
+    two.save_pretrained(d / "rm2")
+    return d
+
+
+BAD = [
+    (lambda d: [f"--gold_reward={d}/no_score.py"], "has no function score"),
+    (lambda d: [f"--gold_reward={d}/wrong_count.py"], "returned 1 values"),
+    (lambda d: [f"--gold_reward={d}/nan.py"], "NaN or infinity"),
+    (lambda d: [f"--prompt_file={d}/empty.json"], "holds no records"),
+    (lambda d: [f"--prompt_file={d}/not_json.txt"], "neither JSON nor JSONL"),
+    (lambda d: [f"--eval_file={d}/no_instruction.jsonl"], "EVAL_FILE"),
+    (lambda d: [f"--eval_file={d}/missing.json"], "EVAL_FILE"),
+    (lambda d: [f"--actor_model={RM}"], "not a causal LM"),
+    (lambda d: [f"--reward_model={SFT}"], "not a sequence-classification model"),
+    (lambda d: [f"--reward_model={d}/rm2"], "exactly one"),
+    (lambda d: ["--actor_model=someorg/some-model"], "cannot load"),
+    (lambda d: ["--ppo_epochs=0"], "PPO_EPOCHS"),
+    (lambda d: ["--max_new_tokens=-3"], "MAX_NEW_TOKENS"),
+    (lambda d: ["--mini_batch_size=2000"], "fewer than one rollout batch"),
+    (lambda d: ["--resume=/nonexistent"], "holds no checkpoint"),
+]
+
+
+@pytest.mark.parametrize("make_args,needle", BAD, ids=[b[1] for b in BAD])
+def test_bad_input_leaves_earlier_outputs_intact(make_args, needle, finished_run, bad_files):
+    before = snapshot(finished_run)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, SCRIPT, f"--output_dir={finished_run}", "--total_steps=3"] + SMALL
+                       + make_args(bad_files), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr[-2000:]
+    assert snapshot(finished_run) == before
+
+
+def test_output_dir_that_cannot_be_created(bad_files, tmp_path):
+    with pytest.raises(ppo.ConfigError, match="not writable"):
+        ppo.train(config(tmp_path, OUTPUT_DIR=str(bad_files / "a_file" / "out")))
+
+
+@pytest.mark.parametrize("pad", [None, "eos"])
+def test_missing_pad_or_pad_equal_to_eos_is_handled(tmp_path, pad):
+    from transformers import AutoTokenizer
+    shutil.copytree(SFT, tmp_path / "actor")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "actor")
+    tok.pad_token = None if pad is None else tok.eos_token
+    tok.save_pretrained(tmp_path / "actor")
+    tok2, notes = ppo.load_tokenizer(str(tmp_path / "actor"), "ACTOR_MODEL")
+    assert tok2.pad_token_id != tok2.eos_token_id and "added <|ppo_pad|>" in notes[0]
+    s = ppo.train(config(tmp_path / "out", ACTOR_MODEL=str(tmp_path / "actor"), TOTAL_STEPS=2))
+    assert s["steps"] == 2 and any("<|ppo_pad|>" in n for n in s["notes"])
+    assert s["eval_before"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the pad id beyond the vocabulary is never embedded
