@@ -435,6 +435,10 @@ def load_model(kind, path, role, device, dtype, fresh_value_head=False):
     if kind == "score" and archs and not fresh_value_head and not any("ForSequenceClassification" in a for a in archs):
         raise ConfigError(f"{role}: {path!r} is a {archs[0]}, not a sequence-classification model with one output; "
                           f"give a reward model (...ForSequenceClassification, num_labels = 1)")
+    if getattr(config, "activation_function", None) == "gelu_new":
+        # GPT-2's gelu_new is the tanh approximation of GELU written as 8 Python-level ops; PyTorch's
+        # F.gelu(approximate="tanh") computes the same function in one kernel (equal to ~1e-7): 15% of a demo step.
+        config.activation_function = "gelu_pytorch_tanh"
     for key, value in config.to_dict().items():  # no dropout in any role (Ziegler et al. 2019; N+ disable_dropout)
         if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
             setattr(config, key, 0.0)
@@ -759,6 +763,17 @@ def rollout(actor, ref, critic, scorer, tok, prompts, c, device, beta, score_mom
 
 
 # ---- PPO update: step 7 ------------------------------------------------------------------------------------------------
+def trim_padding(query_responses, attention_mask, context_length, mask):
+    """A micro-batch without the columns that are padding in all of its rows: left of its longest prompt and right of
+    its longest reply. Masked columns change nothing but the work (positions come from the attention mask), and a
+    micro-batch's longest reply is usually shorter than the rollout's. Returns (ids, attention_mask, context_length,
+    T) with T the response columns kept; slice [B, T] rollout tensors with [:, :T]."""
+    first = int(attention_mask[:, :context_length].any(0).int().argmax())
+    T = int(mask.any(0).sum())  # replies start at column 0 of the response and are contiguous
+    end = context_length + T
+    return query_responses[:, first:end], attention_mask[:, first:end], context_length - first, T
+
+
 UPDATE_STATS = ("policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg", "loss/value_avg",
                 "val/clipfrac_avg", "val/ratio")
 
@@ -779,14 +794,15 @@ def ppo_update(actor, critic, optimizer, params, batch, c):
         for start in range(0, B, per_step):
             for micro in range(start, start + per_step, mb):
                 idx = order[micro:micro + mb].to(batch["responses"].device)
-                m = batch["mask"][idx]
-                new_logprobs, entropy = response_logprobs(actor, batch["query_responses"][idx],
-                                                          batch["attention_mask"][idx], ctx, c["TEMPERATURE"],
+                mb_ids, mb_attn, mb_ctx, T = trim_padding(batch["query_responses"][idx], batch["attention_mask"][idx],
+                                                          ctx, batch["mask"][idx])
+                m = batch["mask"][idx, :T]
+                new_logprobs, entropy = response_logprobs(actor, mb_ids, mb_attn, mb_ctx, c["TEMPERATURE"],
                                                           with_entropy=True)
-                new_values = critic_values(critic, batch["query_responses"][idx], batch["attention_mask"][idx], ctx)
-                pg_loss, pg = policy_loss(new_logprobs, batch["logprobs"][idx], batch["advantages"][idx], m,
+                new_values = critic_values(critic, mb_ids, mb_attn, mb_ctx)
+                pg_loss, pg = policy_loss(new_logprobs, batch["logprobs"][idx, :T], batch["advantages"][idx, :T], m,
                                           c["CLIP_RANGE"])
-                vf_loss, vf_clipfrac = value_loss(new_values, batch["values"][idx], batch["returns"][idx], m,
+                vf_loss, vf_clipfrac = value_loss(new_values, batch["values"][idx, :T], batch["returns"][idx, :T], m,
                                                   c["CLIP_RANGE_VALUE"])
                 loss = (pg_loss + c["VF_COEF"] * vf_loss) / grad_accum
                 loss.backward()
@@ -1319,7 +1335,9 @@ def train(c):
     fsdp = dist_on() and c["DISTRIBUTED"] == "fsdp"
     params = list(actor_train.parameters()) + list(critic_train.parameters())
     # one AdamW over actor and critic, as N+ and TRL-new (PolicyAndValueWrapper): one step, one gradient clip
-    optimizer = torch.optim.AdamW(params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"], weight_decay=c["WEIGHT_DECAY"])
+    # fused AdamW: one kernel for all parameters instead of a loop over tensors (4x faster on the demo's CPU step)
+    optimizer = torch.optim.AdamW(params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"], weight_decay=c["WEIGHT_DECAY"],
+                                  fused=device.type in ("cpu", "cuda") and not fsdp)
     kl_ctl = AdaptiveKLController(c["INIT_KL_COEF"], c["PPO_TARGET"], c["KL_HORIZON"], c["ADAPTIVE_KL"])
     score_moments = RunningMoments() if c["SCORE_NORM"] else None
     gold = load_gold(c["GOLD_REWARD"]) if c["GOLD_REWARD"] else None
@@ -1428,6 +1446,7 @@ def train(c):
     bar = tqdm(range(state["step"] + 1, c["TOTAL_STEPS"] + 1), desc="PPO", dynamic_ncols=True, disable=not master,
                initial=state["step"], total=c["TOTAL_STEPS"])
     for step in bar:
+        t_step = time.perf_counter()
         if state["cursor"] + rollout_batch > len(state["order"]):  # a fresh shuffle of the prompts each pass
             state["order"], state["cursor"] = torch.randperm(len(prompts), generator=prompt_rng).tolist(), 0
         cursor = state["cursor"]
@@ -1463,6 +1482,7 @@ def train(c):
             state["eval_points"].append(ev)
             row.update({"eval/rm_score": ev["rm_score"], "eval/gold_score": ev.get("gold_score", float("nan")),
                         "eval/kl": ev["kl"]})
+        row["time/step_s"] = time.perf_counter() - t_step  # the whole step: phases, metrics, gold, evaluation
         state["rows"].append(row)
         state["step"] = step
         bad = not scores_ok or row["train/skipped_frac"] > 0
