@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -971,7 +972,8 @@ def health_verdicts(df, target, eval_before, eval_after):
     if not math.isnan(g0):
         if g1 < g0 - 0.2 and s1 > s0:
             out.append(f"WARNING: gold score fell ({g0:.2f} -> {g1:.2f}) while the RM score rose: over-optimisation "
-                       f"of the reward model; stop earlier or raise the KL target's weight")
+                       f"of the reward model (reward hacking); keep the KL leash tighter (ADAPTIVE_KL, a lower "
+                       f"PPO_TARGET, a larger INIT_KL_COEF) or stop earlier")
         else:
             out.append(f"{'OK' if g1 >= g0 else 'CHECK'}: gold score {g0:.2f} -> {g1:.2f}")
     if eval_before and eval_after:
@@ -1264,6 +1266,7 @@ def build_summary(status, state, c, derived, notes, models, data, files, eval_af
         "step_time_s_median": float(np.median([r["time/generate_s"] + r["time/score_s"] + r["time/train_s"]
                                                for r in rows])) if rows else None,
         "resume_command": resume_command(c) if status != "finished" else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
         "models": models, "data": data, "samples": samples, "files": files,
         "config": {k: c[k] for k in CONFIG_KEYS}, "derived": derived, "notes": notes,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,

@@ -1,0 +1,161 @@
+"""Benchmark code/ppo.py: a few PPO steps with the current constants, then the bare operations alone (the floor).
+
+    python code/benchmark.py                         # the demo: 20 steps, rollout 16, 4 epochs, 48 new tokens
+    python code/benchmark.py --steps=30 --mini_batch_size=16 --random_width=256
+    python code/benchmark.py --random_width=896 --random_layers=24 --device=cuda --dtype=bfloat16   # ~0.5B-class
+
+Any ppo.py setting can be overridden as --name=value. --random_width=N (and --random_layers, --random_heads) swaps
+the demo models for randomly initialised GPT-2 actor and reward model of that size with the demo tokenizer, built in
+a temporary folder (random weights rarely emit EOS, so replies run to MAX_NEW_TOKENS: a fixed reply length).
+
+Prints and writes OUTPUT_DIR/benchmark.json (default output/benchmark): median step time and its split into
+generate / score / train, generated tokens per second, peak memory, and the floor: the sum of the bare operations
+measured alone on the same prompts and reply lengths (sampling the rollout; the old-logprob, reference, critic and
+reward forwards; the PPO forward/backward/optimizer passes). overhead = step time / floor.
+"""
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ppo  # noqa: E402
+
+
+def build_random_models(folder, width, layers, heads):
+    """Random GPT-2 actor (causal LM) and reward model (sequence classification) with the demo tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+    tok = AutoTokenizer.from_pretrained(ppo.ACTOR_MODEL)
+    cfg = dict(vocab_size=len(tok), n_positions=1024, n_embd=width, n_layer=layers, n_head=heads,
+               activation_function="gelu_new", pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+               bos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    for name, cls, extra in (("actor", GPT2LMHeadModel, {}), ("rm", GPT2ForSequenceClassification, {"num_labels": 1})):
+        cls(GPT2Config(**cfg, **extra)).save_pretrained(os.path.join(folder, name))
+        tok.save_pretrained(os.path.join(folder, name))
+    return os.path.join(folder, "actor"), os.path.join(folder, "rm")
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def measure_floor(c, batches, device, dtype):
+    """The bare operations of one PPO step, each timed alone on the same prompts: median seconds per step."""
+    torch.manual_seed(c["SEED"])
+    tok, actor, ref, scorer, critic, _, _ = ppo.load_roles(c, device, dtype)
+    params = list(actor.parameters()) + list(critic.parameters())
+    optimizer = torch.optim.AdamW(params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"], fused=device.type in ("cpu", "cuda"))
+    amp = ppo.autocast(device, dtype)
+    per_step = c["MINI_BATCH_SIZE"] * c["GRAD_ACCUM"]
+    parts = {"sample": [], "score": [], "train": []}
+    for prompts in batches:
+        queries, query_mask = ppo.left_pad([p[2] for p in prompts], tok.pad_token_id, device)
+        ctx = queries.shape[1]
+        with amp:
+            t, sampled = timed(lambda: ppo.sample_responses(actor, queries, query_mask, c["MAX_NEW_TOKENS"],
+                                                            c["TEMPERATURE"], tok.eos_token_id, tok.pad_token_id),
+                               device)
+        parts["sample"].append(t)
+        responses, mask = ppo.truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
+        qr, am = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+
+        def score():
+            with torch.inference_mode(), amp:
+                ppo.response_logprobs(actor, qr, am, ctx, c["TEMPERATURE"])
+                ppo.critic_values(critic, qr, am, ctx)
+                ppo.response_logprobs(ref, qr, am, ctx, c["TEMPERATURE"])
+                scorer.model(qr, am, ppo.last_index(am))
+        parts["score"].append(timed(score, device)[0])
+
+        def train():
+            B = len(prompts)
+            for _ in range(c["PPO_EPOCHS"]):
+                order = torch.randperm(B)
+                for start in range(0, B, per_step):
+                    for micro in range(start, start + per_step, c["MINI_BATCH_SIZE"]):
+                        idx = order[micro:micro + c["MINI_BATCH_SIZE"]].to(device)
+                        ids, attn, mb_ctx, T = ppo.trim_padding(qr[idx], am[idx], ctx, mask[idx])
+                        with amp:
+                            lp = ppo.response_logprobs(actor, ids, attn, mb_ctx, c["TEMPERATURE"])
+                            v = ppo.critic_values(critic, ids, attn, mb_ctx)
+                        m = mask[idx, :T]
+                        (-(lp * m).mean() + c["VF_COEF"] * (v * m).pow(2).mean()).backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        parts["train"].append(timed(train, device)[0])
+    return {k: statistics.median(v) for k, v in parts.items()}
+
+
+def main(argv):
+    own = {"steps": 20, "random_width": 0, "random_layers": 4, "random_heads": 4}
+    rest = []
+    for a in argv:
+        key = a[2:].split("=", 1)[0] if a.startswith("--") and "=" in a else None
+        if key in own:
+            own[key] = int(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+    c = ppo.resolve_config(rest)
+    c.update(TOTAL_STEPS=own["steps"], EVAL_FILE="", SAVE_MODEL=False, SAVE_EVERY=0, RESUME="never",
+             SAMPLE_EVERY=0, GOLD_REWARD=c["GOLD_REWARD"] if not own["random_width"] else "")
+    if c["OUTPUT_DIR"] == ppo.OUTPUT_DIR:
+        c["OUTPUT_DIR"] = os.path.join(ppo.OUTPUT_DIR, "benchmark")
+    tmp = tempfile.TemporaryDirectory()
+    if own["random_width"]:
+        c["ACTOR_MODEL"], c["REWARD_MODEL"] = build_random_models(tmp.name, own["random_width"], own["random_layers"],
+                                                                  own["random_heads"])
+    summary = ppo.train(c)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the run's peak, before the floor's models
+    import pandas as pd
+    df = pd.read_csv(os.path.join(c["OUTPUT_DIR"], "ppo_metrics", "training_metrics.csv"))
+    df = df.iloc[min(2, len(df) - 1):]  # leave out warm-up steps
+    device = ppo.pick_device(c["DEVICE"])
+    dtype = ppo.pick_dtype(c["DTYPE"], device)
+    # the same prompts as the measured steps: replay the run's prompt order
+    tok, _ = ppo.load_tokenizer(c["ACTOR_MODEL"], "ACTOR_MODEL")
+    prompts = ppo.load_prompts(c["PROMPT_FILE"], tok, c["MAX_PROMPT_TOKENS"], "PROMPT_FILE", lambda *a: None)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(c["SEED"])).tolist()
+    n = summary["derived"]["ROLLOUT_BATCH"]
+    batches = [[prompts[i] for i in order[k * n:(k + 1) * n]] for k in range(min(5, len(order) // n))]
+    floor = measure_floor(c, batches, device, dtype)
+    step = float(df["time/step_s"].median())
+    floor_s = sum(floor.values())
+    result = {
+        "steps": int(summary["steps"]), "rollout_batch": n, "max_new_tokens": c["MAX_NEW_TOKENS"],
+        "ppo_epochs": c["PPO_EPOCHS"], "mini_batch_size": c["MINI_BATCH_SIZE"], "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "actor_params": summary["models"]["actor_params"],
+        "step_time_s_median": round(step, 4),
+        "phases_s_median": {k: round(float(df[f"time/{k}_s"].median()), 4) for k in ("generate", "score", "train")},
+        "resp_len_mean": round(float(df["resp/length_mean"].mean()), 2),
+        "tokens_per_s": round(float((df["resp/length_mean"] * n).sum() / df["time/step_s"].sum()), 1),
+        "peak_rss_mb": round(rss_mb, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
+        "floor_s": {k: round(v, 4) for k, v in floor.items()}, "floor_total_s": round(floor_s, 4),
+        "overhead": round(step / floor_s, 3),
+        "versions": summary["versions"],
+    }
+    with open(os.path.join(c["OUTPUT_DIR"], "benchmark.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except ppo.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
