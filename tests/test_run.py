@@ -119,3 +119,15 @@ def test_help_lists_every_constant_with_its_comment():
     for k in ppo.CONFIG_KEYS:
         assert f"--{k.lower()}" in r.stdout
     assert "KL target of the adaptive controller" in r.stdout
+
+
+def test_benchmark_reports_phases_floor_and_overhead(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "code/benchmark.py"), "--steps=3", "--mini_batch_size=4",
+                        "--ppo_buffer_size=1", "--ppo_epochs=1", "--max_new_tokens=8", "--device=cpu",
+                        f"--output_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res == json.load(open(tmp_path / "benchmark.json"))
+    assert set(res["phases_s_median"]) == {"generate", "score", "train"} and set(res["floor_s"]) == {"sample", "score", "train"}
+    assert res["step_time_s_median"] > 0 and res["floor_total_s"] > 0 and res["peak_rss_mb"] > 100
+    assert res["overhead"] == pytest.approx(res["step_time_s_median"] / res["floor_total_s"], rel=0.01)
