@@ -1,6 +1,6 @@
 """PPO for RLHF in one file: Actor, Reference, Reward and Critic, from rollout to clipped update.
 
-    python code/ppo.py                              # the offline demo: ~3 min on 2 CPU cores
+    python code/ppo.py                              # the offline demo: ~1.5 min on 2 CPU cores
     python code/ppo.py --total_steps=50 --temperature=0.7
     python code/ppo.py --help                       # every constant below, with its comment
 
@@ -78,7 +78,7 @@ MAX_BAD_STEPS = 3                        # stop after this many steps in a row w
 SEED = 0                                 # seeds python, numpy and torch: a CPU run is repeatable
 DEVICE = "auto"                          # "auto" = cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
 DTYPE = "auto"                           # "auto" = bfloat16 on a GPU that supports it, float32 elsewhere; or "float32"
-GRADIENT_CHECKPOINTING = False           # recompute activations in the backward of actor and critic: less memory, ~30% slower
+GRADIENT_CHECKPOINTING = False           # recompute activations in the backward of actor and critic: less memory, one more forward
 OFFLOAD_FROZEN = False                   # keep reference and reward model on the CPU between uses (frees GPU memory)
 DISTRIBUTED = "ddp"                      # under torchrun: "ddp" (a copy per GPU) or "fsdp" (FSDP2: shard actor and critic)
 # evaluation
