@@ -1503,6 +1503,7 @@ def train(c):
             bar.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{row['objective/kl']:.2f}",
                             beta=f"{beta:.3f}", **({"gold": f"{row['objective/gold_scores']:.2f}"} if gold else {}))
         if state["bad_streak"] >= c["MAX_BAD_STEPS"]:
+            stop.restore()
             kept = list_checkpoints(ckpt_dir)
             raise TrainingDiverged(
                 f"{state['bad_streak']} PPO steps in a row had a non-finite score, loss or gradient (step {step}); "
