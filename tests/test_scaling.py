@@ -143,3 +143,21 @@ def test_bf16_compute_with_gradient_checkpointing(tmp_path):
     tok, actor, ref, scorer, critic, _, _ = ppo.load_roles(c, CPU, torch.bfloat16)
     assert next(actor.parameters()).dtype == torch.float32 and next(ref.parameters()).dtype == torch.bfloat16
     assert actor.is_activation_checkpointing
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_resume_is_exact(mode, tmp_path):
+    """4 steps in one go equal 2 steps + 2 resumed, with 2 processes (every rank's RNG and, under FSDP, the
+    gathered-then-resharded weights and optimizer state come back)."""
+    args = [f"--distributed={mode}", "--eval_every=0", "--save_model=false"]
+    assert torchrun(args + ["--total_steps=4"], tmp_path / "a").returncode == 0
+    assert torchrun(args, tmp_path / "b").returncode == 0  # --total_steps=2 from torchrun()
+    r = torchrun(args + ["--total_steps=4"], tmp_path / "b")
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-2000:]
+    a = list(csv.DictReader(open(tmp_path / "a/ppo_metrics/training_metrics.csv")))
+    b = list(csv.DictReader(open(tmp_path / "b/ppo_metrics/training_metrics.csv")))
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        for k in x:
+            if not k.startswith("time/"):
+                assert float(x[k]) == pytest.approx(float(y[k]), abs=1e-6, nan_ok=True), k
