@@ -12,7 +12,7 @@ Everything the run writes goes under OUTPUT_DIR, read in this order:
     ppo_metrics/summary.json          the run at a glance: before/after evaluation, health verdicts, timings
     ppo_metrics/training_curves.png   reward, KL against its target, β, losses, clipfrac, entropy, lengths
     ppo_metrics/training_metrics.csv  one row per PPO step (TRL's metric names where TRL has one)
-    ppo_metrics/config.json, samples.jsonl,  ppo_model/actor, ppo_model/critic
+    ppo_metrics/config.json, samples.jsonl,  ppo_model/actor, ppo_model/critic,  checkpoints/ (resume)
 The design notes are ../shared/mission/seed-ppo.md; each detail cites its source in a comment.
 """
 import csv
@@ -1196,7 +1196,8 @@ def choose_checkpoint(c, ckpt_dir, log):
 def params_checksum(modules):
     """One number per rank that differs when the ranks' parameters differ (DDP must keep them identical)."""
     with torch.no_grad():
-        return sum(p.double().sum().item() + p.double().abs().sum().item() for m in modules for p in m.parameters())
+        return sum((p.sum(dtype=torch.float64) + torch.linalg.vector_norm(p, dtype=torch.float64)).item()
+                   for m in modules for p in m.parameters())  # accumulated in fp64 without an fp64 copy
 
 
 def step_metrics(step, rollout_batch, batch, mb_stats, beta, gold, batch_prompts, optimizer, t_train):
@@ -1250,7 +1251,6 @@ def build_summary(status, state, c, derived, notes, models, data, files, eval_af
                             "reply_before": detail_before["replies"][i], "reply_after": detail_after["replies"][i],
                             "rm_before": round(detail_before["rm"][i], 3), "rm_after": round(detail_after["rm"][i], 3),
                             "gold_before": detail_before["gold"][i], "gold_after": detail_after["gold"][i]})
-    rows = state["rows"]
     return {
         "status": status,
         "health": health_verdicts(df, c["PPO_TARGET"], eval_before, eval_after),
@@ -1263,8 +1263,7 @@ def build_summary(status, state, c, derived, notes, models, data, files, eval_af
         "steps": state["step"], "episodes": state["step"] * derived["ROLLOUT_BATCH"],
         "wall_time_s": round(state["wall_s"], 2),
         "time_split_s": {k: round(v, 2) for k, v in state["timing"].items()},
-        "step_time_s_median": float(np.median([r["time/generate_s"] + r["time/score_s"] + r["time/train_s"]
-                                               for r in rows])) if rows else None,
+        "step_time_s_median": float(df["time/step_s"].median()) if len(df) else None,
         "resume_command": resume_command(c) if status != "finished" else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
         "models": models, "data": data, "samples": samples, "files": files,
