@@ -1196,8 +1196,7 @@ def choose_checkpoint(c, ckpt_dir, log):
 def params_checksum(modules):
     """One number per rank that differs when the ranks' parameters differ (DDP must keep them identical)."""
     with torch.no_grad():
-        return sum((p.sum(dtype=torch.float64) + torch.linalg.vector_norm(p, dtype=torch.float64)).item()
-                   for m in modules for p in m.parameters())  # accumulated in fp64 without an fp64 copy
+        return sum(p.double().sum().item() + p.double().abs().sum().item() for m in modules for p in m.parameters())
 
 
 def step_metrics(step, rollout_batch, batch, mb_stats, beta, gold, batch_prompts, optimizer, t_train):
