@@ -10,8 +10,8 @@ a temporary folder (random weights rarely emit EOS, so replies run to MAX_NEW_TO
 
 Prints and writes OUTPUT_DIR/benchmark.json (default output/benchmark): median step time and its split into
 generate / score / train, generated tokens per second, peak memory, and the floor: the sum of the bare operations
-measured alone on the same prompts and reply lengths (sampling the rollout; the old-logprob, reference, critic and
-reward forwards; the PPO forward/backward/optimizer passes). overhead = step time / floor.
+measured alone on the same prompts and reply lengths (sampling the rollout, which also gives the old logprobs; the
+reference, critic and reward forwards; the PPO forward/backward/optimizer passes). overhead = step time / floor.
 """
 import json
 import os
@@ -64,16 +64,15 @@ def measure_floor(c, batches, device, dtype):
         queries, query_mask = ppo.left_pad([p[2] for p in prompts], tok.pad_token_id, device)
         ctx = queries.shape[1]
         with amp:
-            t, sampled = timed(lambda: ppo.sample_responses(actor, queries, query_mask, c["MAX_NEW_TOKENS"],
-                                                            c["TEMPERATURE"], tok.eos_token_id, tok.pad_token_id),
-                               device)
+            t, (sampled, _) = timed(lambda: ppo.sample_responses(actor, queries, query_mask, c["MAX_NEW_TOKENS"],
+                                                                 c["TEMPERATURE"], tok.eos_token_id, tok.pad_token_id),
+                                    device)
         parts["sample"].append(t)
         responses, mask = ppo.truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
         qr, am = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
 
         def score():
             with torch.inference_mode(), amp:
-                ppo.response_logprobs(actor, qr, am, ctx, c["TEMPERATURE"])
                 ppo.critic_values(critic, qr, am, ctx)
                 ppo.response_logprobs(ref, qr, am, ctx, c["TEMPERATURE"])
                 scorer.model(qr, am, ppo.last_index(am))

@@ -97,7 +97,7 @@ def test_committed_sft_model_ends_replies_with_eos():
     rows = [tok(ppo.format_prompt(tok, ppo.user_text(r)), add_special_tokens=False)["input_ids"] for r in prompts]
     q, m = ppo.left_pad(rows, tok.pad_token_id, torch.device("cpu"))
     torch.manual_seed(0)
-    resp = ppo.sample_responses(model, q, m, 48, 1.0, tok.eos_token_id, tok.pad_token_id)
+    resp, _ = ppo.sample_responses(model, q, m, 48, 1.0, tok.eos_token_id, tok.pad_token_id)
     assert (resp == tok.eos_token_id).any(1).float().mean().item() >= 0.9
 
 
@@ -115,7 +115,7 @@ def test_builder_quick_mode_makes_models_that_load_and_generate(tmp_path):
     tok, _ = ppo.load_tokenizer(str(out / "models/demo-sft"), "ACTOR_MODEL")
     q, m = ppo.left_pad([tok(ppo.format_prompt(tok, "Review the lamp."))["input_ids"]], tok.pad_token_id,
                         torch.device("cpu"))
-    resp = ppo.sample_responses(lm.eval(), q, m, 8, 1.0, tok.eos_token_id, tok.pad_token_id)
+    resp, _ = ppo.sample_responses(lm.eval(), q, m, 8, 1.0, tok.eos_token_id, tok.pad_token_id)
     assert resp.shape[0] == 1 and 1 <= resp.shape[1] <= 8
     # the data is deterministic under the seed: a second build writes the same bytes
     out2 = tmp_path / "demo2"

@@ -138,9 +138,11 @@ def test_value_loss_hand_example():
     assert cf2.item() == 0
 
 
-def test_entropy_from_logits():
-    assert ppo.entropy_from_logits(torch.tensor([0.5, 0.25, 0.25]).log()).item() == pytest.approx(1.5 * math.log(2))
-    assert ppo.entropy_from_logits(torch.zeros(8)).item() == pytest.approx(math.log(8))
+def test_entropy_from_logprobs():
+    assert ppo.entropy_from_logprobs(torch.tensor([0.5, 0.25, 0.25]).log()).item() == pytest.approx(1.5 * math.log(2))
+    assert ppo.entropy_from_logprobs(torch.log_softmax(torch.zeros(8), 0)).item() == pytest.approx(math.log(8))
+    # a token of probability 0 (log p = -inf) adds nothing, not NaN
+    assert ppo.entropy_from_logprobs(torch.tensor([0.0, -float("inf")])).item() == 0
 
 
 def test_adaptive_kl_controller_hand_updates():
