@@ -1,4 +1,5 @@
 """The PPO math as pure functions, checked against hand-computed cases and naive loops."""
+import copy
 import math
 
 import pytest
@@ -179,3 +180,20 @@ def test_repetition_rate():
 def test_position_ids_ignore_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert ppo.position_ids_of(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_params_checksum_sees_one_ulp_and_nothing_else():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.Linear(300, 5))
+    b = copy.deepcopy(a)
+    assert ppo.params_checksum([a]) == ppo.params_checksum([b])
+    threads = torch.get_num_threads()
+    try:  # the sum is over integers: the reduction order (thread count) cannot change it
+        torch.set_num_threads(1)
+        assert ppo.params_checksum([a]) == ppo.params_checksum([b])
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        w = b[0].weight
+        w[3, 7] = torch.nextafter(w[3, 7], torch.tensor(1.0))
+    assert ppo.params_checksum([a]) != ppo.params_checksum([b])
