@@ -4,9 +4,10 @@
     python code/ppo.py --total_steps=50 --temperature=0.7
     python code/ppo.py --help                       # every constant below, with its comment
 
-One PPO step = 1 rollout (sample replies to a batch of prompts) · 2 truncate at EOS + masks · 3 logprobs of actor
-and reference, critic values · 4 reward-model scores · 5 per-token KL-penalised rewards · 6 GAE advantages ·
-7 PPO epochs of clipped policy + value updates over minibatches · 8 log, adapt the KL coefficient β, save samples.
+One PPO step = 1 rollout (sample replies to a batch of prompts, with the actor's logprobs) · 2 truncate at EOS +
+masks · 3 reference logprobs, critic values · 4 reward-model scores · 5 per-token KL-penalised rewards · 6 GAE
+advantages · 7 PPO epochs of clipped policy + value updates over minibatches · 8 log, adapt the KL coefficient β,
+save samples.
 
 Everything the run writes goes under OUTPUT_DIR, read in this order:
     ppo_metrics/summary.json          the run at a glance: before/after evaluation, health verdicts, timings
@@ -728,7 +729,7 @@ def rollout(actor, ref, critic, scorer, tok, prompts, c, device, beta, score_mom
     """Steps 1-6 for this rank's share of a rollout batch. Returns a dict of [B, T] tensors (names as in N+/TRL)
     and per-reply info."""
     t0 = time.perf_counter()
-    # 1 rollout: sample replies to left-padded prompts
+    # 1 rollout: sample replies to left-padded prompts, with the log π_old of each token
     queries, query_mask = left_pad([p[2] for p in prompts], tok.pad_token_id, device)
     ctx = queries.shape[1]
     sampled, logprobs = sample_responses(actor, queries, query_mask, c["MAX_NEW_TOKENS"], c["TEMPERATURE"],
@@ -740,10 +741,10 @@ def rollout(actor, ref, critic, scorer, tok, prompts, c, device, beta, score_mom
     ended = (responses == tok.eos_token_id).any(1)
     t_generate = time.perf_counter() - t0
 
-    # 3 old logprobs (actor before this step's updates), reference logprobs, critic values. The old logprobs are the
+    # 3 reference logprobs and critic values. The old logprobs (actor before this step's updates) are the
     # sampler's (N+, TRL-new), not a second forward of the actor (TRL-old, OpenRLHF): the same model, weights and
     # temperature, one token at a time through the KV cache. Measured on the demo actor, 64 replies: they equal the
-    # re-scored ones to 4e-6 per token in fp32 (tested); under bf16 autocast to 0.08 (mean -3e-4), well inside the
+    # re-scored ones to 4e-6 per token in fp32 (tested); under bf16 autocast (CPU) to 0.08 (mean -3e-4), inside the
     # clip range, so the first minibatch's ratio is 1 up to that rounding. It saves one of the four forwards.
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -987,10 +988,14 @@ def health_verdicts(df, target, eval_before, eval_after):
                    "those of one consistent model")
     g0, g1 = f(first, "objective/gold_scores"), f(last, "objective/gold_scores")
     if not math.isnan(g0):
-        if g1 < g0 - 0.2 and s1 > s0:
-            out.append(f"WARNING: gold score fell ({g0:.2f} -> {g1:.2f}) while the RM score rose: over-optimisation "
-                       f"of the reward model (reward hacking); keep the KL leash tighter (ADAPTIVE_KL, a lower "
-                       f"PPO_TARGET, a larger INIT_KL_COEF) or stop earlier")
+        # over-optimisation: the RM score climbs while the gold score falls or stands still, in training or held out
+        pairs = [(s0, s1, g0, g1)] + ([(eval_before["rm_score"], eval_after["rm_score"], eval_before["gold_score"],
+                                        eval_after["gold_score"])] if eval_before and eval_after
+                                      and "gold_score" in eval_before else [])
+        if any(rm1 > rm0 + 0.5 and gd1 < gd0 + 0.2 for rm0, rm1, gd0, gd1 in pairs):
+            out.append(f"WARNING: the RM score rose but the gold score did not (training {g0:.2f} -> {g1:.2f}): "
+                       f"over-optimisation of the reward model (reward hacking); keep the KL leash tighter "
+                       f"(ADAPTIVE_KL, a lower PPO_TARGET, a larger INIT_KL_COEF) or stop earlier")
         else:
             out.append(f"{'OK' if g1 >= g0 else 'CHECK'}: gold score {g0:.2f} -> {g1:.2f}")
     if eval_before and eval_after:

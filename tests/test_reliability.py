@@ -149,6 +149,20 @@ def test_steps_of_nan_scores_stop_the_run_keeping_the_last_good_checkpoint(tmp_p
     assert any("non-finite" in h for h in s)
 
 
+def test_health_verdicts_flag_over_optimisation_of_the_reward_model():
+    pd = __import__("pandas")
+    rm = [0.7] * 10 + [2.3] * 10
+
+    def verdicts(gold, ev_gold_after=2.5):
+        df = pd.DataFrame({"objective/scores": rm, "objective/gold_scores": gold, "objective/kl": [5.0] * 20})
+        return ppo.health_verdicts(df, 6.0, {"rm_score": 0.1, "gold_score": 0.3, "kl": 0.0},
+                                   {"rm_score": 2.2, "gold_score": ev_gold_after, "kl": 5.0})
+    assert not any("over-optimisation" in v for v in verdicts([1.0] * 10 + [3.0] * 10))  # gold follows the RM
+    assert any("over-optimisation" in v for v in verdicts([1.2] * 20))                   # gold stands still
+    assert any("over-optimisation" in v for v in verdicts([1.2] * 10 + [0.5] * 10))      # gold falls
+    assert any("over-optimisation" in v for v in verdicts([1.0] * 10 + [3.0] * 10, ev_gold_after=0.2))  # held out
+
+
 # ---- bad input: one line, exit 2, no traceback, earlier outputs untouched -------------------------------------------
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
