@@ -1,6 +1,7 @@
 """Step-0 invariants of the PPO loop on the committed demo models (implementation details, 'step-0 suite')."""
 import copy
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -160,6 +161,24 @@ def test_sampler_draws_from_the_temperature_scaled_policy(world):
     assert (emp - p).abs().max().item() < 0.03
     top = p.argmax()
     assert abs(emp[top].item() - p[top].item()) < 4 * (p[top].item() * (1 - p[top].item()) / 4000) ** 0.5 + 1e-3
+
+
+def test_sampler_never_draws_a_zero_probability_token():
+    # logits with -inf entries, the last vocabulary entry among them (the edge of the inverse-CDF draw)
+    logits = torch.tensor([0.0, -float("inf"), 1.0, 0.5, -float("inf")])
+
+    class FixedLM:  # a stand-in causal LM: the same next-token logits at every position
+        def __call__(self, input_ids, **kw):
+            return SimpleNamespace(logits=logits.expand(len(input_ids), 1, -1), cache=None)
+    n = 20000
+    q, qm = torch.ones(n, 3, dtype=torch.long), torch.ones(n, 3, dtype=torch.bool)
+    torch.manual_seed(0)
+    tokens, logp = ppo.sample_responses(FixedLM(), q, qm, 1, 1.0, eos_id=99, pad_id=0)
+    counts = torch.bincount(tokens[:, 0], minlength=5).float() / n
+    assert counts[1] == 0 and counts[4] == 0
+    p = torch.softmax(logits, 0)
+    assert (counts - p).abs().max().item() < 0.015
+    assert torch.allclose(logp[:, 0], p.log()[tokens[:, 0]])
 
 
 def test_dropout_is_disabled_in_every_role(world):
