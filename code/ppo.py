@@ -989,11 +989,14 @@ def health_verdicts(df, target, eval_before, eval_after):
     g0, g1 = f(first, "objective/gold_scores"), f(last, "objective/gold_scores")
     if not math.isnan(g0):
         # over-optimisation: the RM score climbs while the gold score falls or stands still, in training or held out
-        pairs = [(s0, s1, g0, g1)] + ([(eval_before["rm_score"], eval_after["rm_score"], eval_before["gold_score"],
-                                        eval_after["gold_score"])] if eval_before and eval_after
-                                      and "gold_score" in eval_before else [])
-        if any(rm1 > rm0 + 0.5 and gd1 < gd0 + 0.2 for rm0, rm1, gd0, gd1 in pairs):
-            out.append(f"WARNING: the RM score rose but the gold score did not (training {g0:.2f} -> {g1:.2f}): "
+        pairs = [("training", s0, s1, g0, g1)]
+        if eval_before and eval_after and "gold_score" in eval_before:
+            pairs.append(("held out", eval_before["rm_score"], eval_after["rm_score"], eval_before["gold_score"],
+                          eval_after["gold_score"]))
+        hacked = [f"{name}: RM {rm0:.2f} -> {rm1:.2f}, gold {gd0:.2f} -> {gd1:.2f}"
+                  for name, rm0, rm1, gd0, gd1 in pairs if rm1 > rm0 + 0.5 and gd1 < gd0 + 0.2]
+        if hacked:
+            out.append(f"WARNING: the RM score rose but the gold score did not ({'; '.join(hacked)}): "
                        f"over-optimisation of the reward model (reward hacking); keep the KL leash tighter "
                        f"(ADAPTIVE_KL, a lower PPO_TARGET, a larger INIT_KL_COEF) or stop earlier")
         else:
@@ -1222,9 +1225,9 @@ def params_checksum(modules):
     sum copies each tensor first: 4.4 GB for a 7B model's embedding)."""
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
     with torch.no_grad():
-        sums = [p.detach().reshape(-1).view(ints[p.element_size()]).sum(dtype=ints[p.element_size()])
+        sums = [p.detach().reshape(-1).view(ints[p.element_size()]).sum(dtype=ints[p.element_size()]).long()
                 for m in modules for p in m.parameters()]
-        return sum(torch.stack([s.long() for s in sums]).tolist())
+        return sum(torch.stack(sums).tolist())
 
 
 def step_metrics(step, rollout_batch, batch, mb_stats, beta, gold, batch_prompts, optimizer, t_train):
