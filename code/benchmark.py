@@ -55,20 +55,21 @@ def measure_floor(c, batches, device, dtype):
     """The bare operations of one PPO step, each timed alone on the same prompts: median seconds per step."""
     torch.manual_seed(c["SEED"])
     tok, actor, ref, scorer, critic, _, _ = ppo.load_roles(c, device, dtype)
+    stop_ids = ppo.stop_token_ids(tok, actor, c["STOP_TOKENS"])
     params = list(actor.parameters()) + list(critic.parameters())
     optimizer = torch.optim.AdamW(params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"], fused=device.type in ("cpu", "cuda"))
     amp = ppo.autocast(device, dtype)
     per_step = c["MINI_BATCH_SIZE"] * c["GRAD_ACCUM"]
     parts = {"sample": [], "score": [], "train": []}
     for prompts in batches:
-        queries, query_mask = ppo.left_pad([p[2] for p in prompts], tok.pad_token_id, device)
+        queries, query_mask = ppo.left_pad([p[2] for p in prompts], ppo.PAD_ID, device)
         ctx = queries.shape[1]
         with amp:
             t, (sampled, _) = timed(lambda: ppo.sample_responses(actor, queries, query_mask, c["MAX_NEW_TOKENS"],
-                                                                 c["TEMPERATURE"], tok.eos_token_id, tok.pad_token_id),
+                                                                 c["TEMPERATURE"], stop_ids, ppo.PAD_ID),
                                     device)
         parts["sample"].append(t)
-        responses, mask = ppo.truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
+        responses, mask = ppo.truncate_after_eos(sampled, stop_ids, ppo.PAD_ID)
         qr, am = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
 
         def score():

@@ -19,6 +19,7 @@ The design notes are ../shared/mission/seed-ppo.md; each detail cites its source
 import csv
 import difflib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -43,7 +44,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 # models: the four roles
 ACTOR_MODEL = "data/models/demo-sft"     # Actor (policy, trained): SFT causal LM, local path or hub name
 REF_MODEL = ""                           # Reference (frozen SFT copy for the KL leash); "" = ACTOR_MODEL
-REWARD_MODEL = "data/models/demo-rm"     # Reward model (frozen judge): sequence classification, one output
+REWARD_MODEL = "data/models/demo-rm"     # Reward model (frozen judge): any sequence-classification model
+REWARD_LABEL = ""                        # the reward model's output to use when it has several: index or label name
 CRITIC_MODEL = ""                        # Critic (value model, trained; its score head is the value head); "" = REWARD_MODEL
 # data
 PROMPT_FILE = "data/ppo_prompts.json"    # Alpaca JSON or JSONL: instruction (+ optional input); output is never trained on
@@ -52,6 +54,7 @@ MAX_PROMPT_TOKENS = 128                  # longer prompts are dropped, with a wa
 MAX_NEW_TOKENS = 48                      # reply length limit in tokens (7B: 256-512)
 TEMPERATURE = 1.0                        # sampling temperature, also applied to every logprob (7B: 0.7-1.0)
 MISSING_EOS_PENALTY = 0.0                # subtracted from the score of a reply cut off without EOS (0 = off; TRL's meaning)
+STOP_TOKENS = ""                         # tokens that end a reply, comma-separated; "" = generation_config EOS ids + tokenizer EOS
 # PPO
 TOTAL_STEPS = 250                        # PPO steps = rollout batches (7B: a few hundred to a few thousand)
 MINI_BATCH_SIZE = 8                      # sequences per forward/backward (per process)
@@ -97,6 +100,10 @@ RESUME = "auto"                          # "auto" = continue from the newest che
 
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper() and not k.startswith("_")]
 INVALID_LOGPROB = 1.0  # stored at masked (post-EOS) slots of both logprob tensors, so every KL estimator gives 0 there (N+)
+# The trainer's own padding id: never a real token (OAI pads with an id beyond the vocabulary; N+ adds a [PAD] token
+# without resizing the embeddings), never embedded (model_inputs maps masked slots to 0), never written into a saved
+# tokenizer or config. Every mask is carried explicitly, so no mask is ever derived from `ids != PAD`.
+PAD_ID = -1
 
 
 class ConfigError(Exception):
@@ -262,14 +269,25 @@ def kl_per_token(logprobs, ref_logprobs, estimator="k1"):
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
-def truncate_after_eos(responses, eos_id, pad_id):
-    """Keep each response up to and including its first EOS; later tokens become PAD.
+def is_stop(tokens, stop_ids):
+    """True where a token ends a reply: any of the stop ids (an int or a list: chat models end turns with tokens
+    other than the tokenizer's EOS, e.g. Llama-3's <|eot_id|>, Gemma's <end_of_turn>, Qwen2.5's two ids)."""
+    return torch.isin(tokens, torch.as_tensor(stop_ids, device=tokens.device))
+
+
+def truncate_after_eos(responses, stop_ids, pad_id):
+    """Keep each response up to and including its first stop token (EOS); later tokens become PAD.
     Returns (responses, mask): mask is True on real tokens. Worked example (E = EOS, P = PAD):
         sampled   [a b E c d]  ->  responses [a b E P P], mask [1 1 1 0 0]
         sampled   [a b c d e]  ->  responses [a b c d e], mask [1 1 1 1 1]   (no EOS: cut at MAX_NEW_TOKENS)"""
-    is_eos = responses == eos_id
-    after_first_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    stop = is_stop(responses, stop_ids)
+    after_first_eos = (stop.cumsum(1) - stop.long()) > 0  # strictly after the first EOS
     return responses.masked_fill(after_first_eos, pad_id), ~after_first_eos
+
+
+def ends_with_stop(responses, mask, stop_ids):
+    """Whether each reply ended with a stop token (False: cut off at MAX_NEW_TOKENS)."""
+    return (is_stop(responses, stop_ids) & mask).any(1)
 
 
 def last_index(mask):
@@ -419,25 +437,77 @@ def check_model_path(path, role):
                           f"name like Qwen/Qwen2.5-0.5B-Instruct (on a machine that reaches the hub)")
 
 
-def load_model(kind, path, role, device, dtype, fresh_value_head=False):
-    """from_pretrained by local path or hub name (never trust_remote_code), with clear errors for the usual mistakes.
-    kind "causal" -> the HF causal LM; kind "score" -> ScoreModel around a ...ForSequenceClassification model with one
-    output. fresh_value_head: build the score model from a causal LM checkpoint with a zero-initialised head (V = 0
-    at the start, as OAI's value head), for a critic that must read the actor's tokens."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+def first_line(e):
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def remote_code_error(role, path, model_type):
+    return ConfigError(f"{role}: {path!r} needs its own Python code (model_type {model_type!r} is not an architecture "
+                       f"transformers {__import__('transformers').__version__} ships); code from a model folder is "
+                       f"never run here: use a checkpoint of a built-in architecture, or a transformers that has it")
+
+
+def read_config(path, role):
+    """AutoConfig of a local folder or hub name. Code from a model folder never runs (trust_remote_code=False,
+    passed explicitly: otherwise transformers may ask on a terminal, and a "y" runs it). One clear line for a
+    config.json that is not JSON, a checkpoint that needs its own code, and a hub name without the hub."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     check_model_path(path, role)
+    local = os.path.isdir(path)
+    if local:
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            raise ConfigError(f"{role}: {path!r} has no config.json; give a folder written by save_pretrained")
+        try:
+            with open(file, encoding="utf-8") as f:
+                raw = json.load(f)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+            raise ConfigError(f"{role}: {file} is not valid JSON ({first_line(e)}); restore it from the model's "
+                              f"source") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{role}: {file} is not a model config (a JSON object); restore it from the source")
+        if "auto_map" in raw and raw.get("model_type") not in CONFIG_MAPPING:
+            raise remote_code_error(role, path, raw.get("model_type"))
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{role}: cannot load {path!r} ({str(e).splitlines()[0][:160]}); offline, download the "
-                          f"model once and pass its local folder") from None
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # the user's files or a hub name: any failure is theirs to fix, reported in one line
+        if "trust_remote_code" in str(e):
+            raise remote_code_error(role, path, "?") from None
+        if local:
+            raise ConfigError(f"{role}: cannot read the config of {path!r} ({first_line(e)})") from None
+        raise ConfigError(f"{role}: cannot load {path!r} ({first_line(e)}); offline, download the model once and "
+                          f"pass its local folder") from None
+
+
+def max_positions(model):
+    """The longest sequence the model has learned positions for (config.max_position_embeddings: GPT-2's n_positions,
+    OPT's 2048, a rotary model's trained context; the text part of a multimodal config); None if it names none."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def load_model(kind, path, role, device, dtype, fresh_value_head=False, label=""):
+    """from_pretrained by local path or hub name, with one clear line for the usual mistakes.
+    kind "causal" -> whatever AutoModelForCausalLM loads and gives logits over the vocabulary: ...ForCausalLM, and
+    the ...ForConditionalGeneration checkpoints it loads for text (Gemma 3 4B and larger).
+    kind "score" -> ScoreModel around a decoder ...ForSequenceClassification model with one output, read at chosen
+    positions (the critic). fresh_value_head: built from a causal LM checkpoint with a zero-initialised head (V = 0 at
+    the start, as OAI's value head), for a critic that must read the actor's tokens.
+    kind "reward" -> ScoreModel around any ...ForSequenceClassification model (the frozen judge): a decoder is read at
+    the last real token, an encoder classifier (DeBERTa, RoBERTa, DistilBERT) through its own pooling; with several
+    outputs, `label` (REWARD_LABEL) names the one that scores."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    config = read_config(path, role)
     archs = config.architectures or []
-    if kind == "causal" and archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+    if kind == "causal" and archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                                              for a in archs):
         raise ConfigError(f"{role}: {path!r} is a {archs[0]}, not a causal LM; the actor and reference must be "
                           f"...ForCausalLM models (the reward model goes in REWARD_MODEL)")
-    if kind == "score" and archs and not fresh_value_head and not any("ForSequenceClassification" in a for a in archs):
-        raise ConfigError(f"{role}: {path!r} is a {archs[0]}, not a sequence-classification model with one output; "
-                          f"give a reward model (...ForSequenceClassification, num_labels = 1)")
+    if kind != "causal" and archs and not fresh_value_head and not any("ForSequenceClassification" in a for a in archs):
+        raise ConfigError(f"{role}: {path!r} is a {archs[0]}, not a sequence-classification model; give a reward "
+                          f"model (...ForSequenceClassification)")
     if getattr(config, "activation_function", None) == "gelu_new":
         # GPT-2's gelu_new is the tanh approximation of GELU written as 8 Python-level ops; PyTorch's
         # F.gelu(approximate="tanh") computes the same function in one kernel (equal to ~1e-7): 15% of a demo step.
@@ -445,51 +515,113 @@ def load_model(kind, path, role, device, dtype, fresh_value_head=False):
     for key, value in config.to_dict().items():  # no dropout in any role (Ziegler et al. 2019; N+ disable_dropout)
         if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
             setattr(config, key, 0.0)
-    if kind == "score":
-        config.num_labels = 1 if fresh_value_head else config.num_labels
+    if fresh_value_head:
+        config.num_labels = 1
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:
-        model = auto.from_pretrained(path, config=config, dtype=dtype)
-    except ValueError as e:
-        what = "a causal LM (a ...ForCausalLM model)" if kind == "causal" else "a sequence-classification model"
-        raise ConfigError(f"{role}: {path!r} ({type(config).__name__}) cannot be loaded as {what}: "
-                          f"{str(e).splitlines()[0][:120]}") from None
+        model = auto.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # the user's files: reported in one line, whatever transformers raised
+        if isinstance(e, ValueError) and "Unrecognized configuration class" in str(e):
+            what = ("a causal LM (AutoModelForCausalLM" if kind == "causal"
+                    else "a sequence-classification model (AutoModelForSequenceClassification")
+            raise ConfigError(f"{role}: {path!r} ({config.model_type}, {archs[0] if archs else 'no architecture'}) "
+                              f"cannot be loaded as {what} has no class for {config.model_type!r})") from None
+        raise ConfigError(f"{role}: cannot load the weights of {path!r} ({first_line(e)}); if the files are "
+                          f"truncated or corrupt, copy them again from the model's source") from None
     for m in model.modules():  # modules that copied their rate before the config was changed
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     if kind == "causal":
+        if model.get_output_embeddings() is None:
+            raise ConfigError(f"{role}: {path!r} loads as {type(model).__name__}, which has no language-model head; "
+                              f"the actor and reference must give logits over the vocabulary")
         return model.to(device).eval()
-    if model.config.num_labels != 1:
-        raise ConfigError(f"{role}: {path!r} has {model.config.num_labels} outputs; a reward or value model needs "
-                          f"exactly one (num_labels = 1)")
-    if not hasattr(model, "score"):
-        raise ConfigError(f"{role}: {type(model).__name__} has no `score` head; use a decoder "
-                          f"...ForSequenceClassification model (GPT-2, Llama, Qwen2, ...)")
+    if kind == "score" and not hasattr(model, "score"):
+        raise ConfigError(f"{role}: {type(model).__name__} has no `score` head to read a value at every token; use a "
+                          f"decoder ...ForSequenceClassification model (GPT-2, Llama, Qwen2, ...), or --critic_model= "
+                          f"for the default")
+    index = output_index(model.config, label, role, path)
     if fresh_value_head:
         with torch.no_grad():
             model.score.weight.zero_()
             if getattr(model.score, "bias", None) is not None:
                 model.score.bias.zero_()
-    return ScoreModel(model).to(device).eval()
+    return ScoreModel(model, index).to(device).eval()
+
+
+def output_index(config, label, role, path):
+    """Which output of a classifier is the score: the only one, or REWARD_LABEL (an index or a label name, e.g.
+    "POSITIVE" of a sentiment classifier; its raw logit is the score, as in TRL's sentiment examples)."""
+    names = [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
+    if label == "":
+        if config.num_labels == 1:
+            return 0
+        fix = ("a value model needs exactly one (num_labels = 1)" if role == "CRITIC_MODEL" else
+               "a reward model needs exactly one, or --reward_label=NAME (or index) naming the one that scores")
+        raise ConfigError(f"{role}: {path!r} has {config.num_labels} outputs ({', '.join(names)}); {fix}")
+    if label.isdigit() and int(label) < len(names):
+        return int(label)
+    if label in names:
+        return names.index(label)
+    raise ConfigError(f"REWARD_LABEL {label!r} is not an output of {path!r}; its outputs are "
+                      f"{', '.join(f'{i} = {n}' for i, n in enumerate(names))}")
 
 
 def load_tokenizer(path, role):
+    """The model's own tokenizer, left-padding, never running code from its folder. Training pads with PAD_ID and
+    explicit masks, so the tokenizer's pad token only matters to users of the saved model: a tokenizer without one
+    gets its EOS as pad (a real token), so that batched generate() works with the tokenizer saved beside the actor."""
     from transformers import AutoTokenizer
-    check_model_path(path, role)
+    read_config(path, role)  # the folder's config.json first: its errors are clearer than the tokenizer's
     try:
-        tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{role}: cannot load the tokenizer of {path!r} ({str(e).splitlines()[0][:160]})") from None
+        tok = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=False)
+    except Exception as e:  # the user's files: any failure is theirs to fix, reported in one line
+        if "trust_remote_code" in str(e):
+            raise remote_code_error(role, path, "?") from None
+        raise ConfigError(f"{role}: cannot load the tokenizer of {path!r} ({first_line(e)}); the folder needs the "
+                          f"model's tokenizer files (tokenizer.json, tokenizer_config.json, ...)") from None
     notes = []
-    if tok.eos_token_id is None:
-        raise ConfigError(f"{role}: the tokenizer of {path!r} has no EOS token; set eos_token in its tokenizer_config")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        # PAD must differ from EOS, or `ids != PAD` hides every real EOS (implementation details #1). Add a new
-        # [PAD] token; it is never sampled (its row is never attended to and its id is masked from every loss).
-        tok.add_special_tokens({"pad_token": "<|ppo_pad|>"})
-        notes.append(f"{role}: the tokenizer had no pad token distinct from EOS; added <|ppo_pad|> "
-                     f"(id {tok.pad_token_id}) for padding only")
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+        notes.append(f"{role}: the tokenizer has no pad token; its EOS {tok.eos_token!r} pads in the saved tokenizer "
+                     f"(training pads with masks, never with a token)")
     return tok, notes
+
+
+def check_tokenizer_fits(tok, model, path, role):
+    """A folder without tokenizer files still gives a tokenizer: transformers builds a stand-in of a handful of tokens
+    from the model type, and a run with it 'succeeds' on one-token replies. A real tokenizer covers most of the
+    embedding table (tables are padded a little past it: Qwen2.5 has 151,665 tokens in 151,936 rows)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) < rows // 2:
+        raise ConfigError(f"{role}: the tokenizer of {path!r} has {len(tok)} tokens for {rows} embedding rows: the "
+                          f"folder lacks the model's tokenizer files; copy tokenizer.json and tokenizer_config.json "
+                          f"(or its vocabulary files) from where the model came from")
+
+
+def stop_token_ids(tok, model, override):
+    """The ids that end a reply: the EOS ids of the actor's generation_config (an int or a list) and the tokenizer's
+    EOS, or STOP_TOKENS (token texts or ids, comma-separated) instead. Chat models end a turn with a token other than
+    the tokenizer's EOS (Llama-3-Instruct <|eot_id|>, Gemma-it <end_of_turn>, Qwen2.5-Instruct lists two ids): with the
+    EOS alone such a model never ends a reply."""
+    if override:
+        ids = []
+        for item in (x.strip() for x in override.split(",")):
+            i = int(item) if item.isdigit() else tok.convert_tokens_to_ids(item)
+            if i is None or not 0 <= i < len(tok) or (i == tok.unk_token_id and item != tok.unk_token):
+                raise ConfigError(f"STOP_TOKENS: {item!r} is not one token of the actor's tokenizer; give token texts "
+                                  f"as the tokenizer writes them (e.g. <|eot_id|>) or ids below {len(tok)}")
+            ids.append(i)
+    else:
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        ids = ([eos] if isinstance(eos, int) else list(eos or [])) + [tok.eos_token_id]
+    ids = sorted({i for i in ids if i is not None})
+    if not ids:
+        raise ConfigError("ACTOR_MODEL: neither its tokenizer nor its generation_config names an EOS token; name the "
+                          "tokens that end a reply with --stop_tokens=...")
+    return ids
 
 
 def freeze(model):
@@ -544,22 +676,27 @@ def response_logprobs(model, query_responses, attention_mask, context_length, te
 
 
 class ScoreModel(torch.nn.Module):
-    """A ...ForSequenceClassification model (reward model or critic) read as scalars at the positions we choose:
-    backbone + `score` head. positions: a [B] index tensor -> [B] (one per row), or a slice -> [B, len].
-    (The model's own pooling guesses the last real token from pad ids; we know it.) A module of its own so that
-    DDP and FSDP wrap exactly what the critic's training forward runs."""
+    """A ...ForSequenceClassification model (reward model or critic) read as scalars: output `index` of a decoder's
+    backbone + `score` head at the positions we choose. positions: a [B] index tensor -> [B] (one per row), or a
+    slice -> [B, len]. (The model's own pooling guesses the last real token from pad ids; we know it.) An encoder
+    classifier has no `score` head (own_pooling): it reads its own tokens through its own pooling ([CLS] and a
+    classifier head), [B]. A module of its own so that DDP and FSDP wrap exactly what the critic's training forward
+    runs."""
 
-    def __init__(self, model):
+    def __init__(self, model, index=0):
         super().__init__()
-        self.model = model
+        self.model, self.index = model, index
+        self.own_pooling = not hasattr(model, "score")
 
-    def forward(self, input_ids, attention_mask, positions):
+    def forward(self, input_ids, attention_mask, positions=None, token_type_ids=None):
+        if self.own_pooling:  # the encoder's own ids, padding and positions, as its tokenizer made them
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, self.index].float()
         backbone = getattr(self.model, self.model.base_model_prefix)
         hidden = backbone(input_ids=model_inputs(input_ids, attention_mask), attention_mask=attention_mask,
                           position_ids=position_ids_of(attention_mask), use_cache=False).last_hidden_state
-        if isinstance(positions, slice):
-            return self.model.score(hidden[:, positions]).squeeze(-1).float()
-        return self.model.score(hidden[torch.arange(len(hidden), device=hidden.device), positions]).squeeze(-1).float()
+        rows = slice(None) if isinstance(positions, slice) else torch.arange(len(hidden), device=hidden.device)
+        return self.model.score(hidden[rows, positions])[..., self.index].float()
 
 
 def critic_values(critic, query_responses, attention_mask, context_length):
@@ -579,17 +716,18 @@ def left_pad(rows, pad_id, device):
 
 
 @torch.no_grad()
-def sample_responses(model, queries, query_mask, max_new_tokens, temperature, eos_id, pad_id, sync_stop=False):
+def sample_responses(model, queries, query_mask, max_new_tokens, temperature, stop_ids, pad_id, sync_stop=False):
     """Exact on-policy sampling with a KV cache: softmax(logits / T), no top-k, top-p or repetition penalty, so the
-    behaviour policy is the π in the ratio and the KL (implementation details #3). Rows that have emitted EOS get
-    PAD afterwards; the loop stops when every row has (with sync_stop, every row of every rank: a sharded FSDP
-    model needs all ranks in each forward). Returns [B, ≤ max_new_tokens] token ids and the log π(token) of each,
-    in fp32 from the temperature-scaled logits: the rollout's old logprobs (implementation details #6)."""
+    behaviour policy is the π in the ratio and the KL (implementation details #3). Rows that have emitted a stop
+    token (EOS) get PAD afterwards; the loop stops when every row has (with sync_stop, every row of every rank: a
+    sharded FSDP model needs all ranks in each forward). Returns [B, ≤ max_new_tokens] token ids and the log π(token)
+    of each, in fp32 from the temperature-scaled logits: the rollout's old logprobs (implementation details #6)."""
     mask = query_mask.long()
     positions = position_ids_of(mask)
     out = model(input_ids=model_inputs(queries, mask), attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
     done = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    stop_ids = torch.as_tensor(stop_ids, device=queries.device)
     tokens, logprobs = [], []
     positions = positions[:, -1:]
     for _ in range(max_new_tokens):
@@ -604,7 +742,7 @@ def sample_responses(model, queries, query_mask, max_new_tokens, temperature, eo
         nxt = torch.where(done, pad_id, nxt)
         tokens.append(nxt)
         mask = torch.cat([mask, (~done).long()[:, None]], 1)
-        done |= nxt == eos_id
+        done |= is_stop(nxt, stop_ids)
         if len(tokens) == max_new_tokens:
             break
         if sync_stop:
@@ -619,14 +757,24 @@ def sample_responses(model, queries, query_mask, max_new_tokens, temperature, eo
 
 
 class RewardScorer:
-    """Scores prompt + reply with the frozen reward model at its last real token (implementation details #10).
-    Same tokenizer as the actor: the actor's ids are scored as they are. Different tokenizer: the reply is decoded
-    (up to its EOS) and the conversation re-tokenised by the RM's tokenizer, through its chat template when it has
-    one (prompt as user turn, reply as assistant turn), with the RM's EOS only when the reply ended with EOS."""
+    """Scores prompt + reply with the frozen reward model (implementation details #10), one of three ways:
+    - a decoder RM with the actor's tokenizer: the actor's ids as they are, read at the last real token;
+    - a decoder RM with another tokenizer: the reply is decoded (up to its stop token) and the conversation
+      re-tokenised by the RM's tokenizer, through its chat template when it has one (prompt as user turn, reply as
+      assistant turn), with the RM's EOS only when the reply ended; read at its last real token, keeping the last
+      max_len tokens when the conversation is longer than the RM's positions;
+    - an encoder classifier (own_pooling: DeBERTa-v3 reward models, DistilBERT/RoBERTa sentiment classifiers): its own
+      tokenizer and pooling, (prompt, reply) encoded as a text pair (or through its chat template if it has one),
+      padded on the right and truncated to its positions by its tokenizer."""
 
     def __init__(self, model, tok, actor_tok, device):
         self.model, self.tok, self.actor_tok, self.device = model, tok, actor_tok, device
-        self.same_tokenizer = tok.get_vocab() == actor_tok.get_vocab()
+        self.same_tokenizer = not model.own_pooling and tok.get_vocab() == actor_tok.get_vocab()
+        self.max_len = max_positions(model.model)
+        if model.own_pooling:
+            tok.padding_side = "right"  # an encoder's text starts at position 0, as in its training
+        # segment ids for a text pair, where the model takes them (BERT, DeBERTa; not DistilBERT, RoBERTa)
+        self.token_types = "token_type_ids" in inspect.signature(model.model.forward).parameters
 
     def rm_ids(self, user_text, reply, ended):
         """RM token ids of one conversation: the same layout the actor's ids have (templated prompt with the
@@ -634,14 +782,25 @@ class RewardScorer:
         prompt = format_prompt(self.tok, user_text)
         ids = self.tok(prompt, add_special_tokens=not self.tok.chat_template)["input_ids"] \
             + self.tok(reply, add_special_tokens=False)["input_ids"]
-        return ids + [self.tok.eos_token_id] if ended else ids
+        return ids + [self.tok.eos_token_id] if ended and self.tok.eos_token_id is not None else ids
 
     def __call__(self, query_responses, attention_mask, context_length, user_texts, replies, ended):
         if self.same_tokenizer:
             return frozen_forward(self.model, ScoreModel.__call__, query_responses, attention_mask,
                                   last_index(attention_mask))
-        ids, mask = left_pad([self.rm_ids(u, r, e) for u, r, e in zip(user_texts, replies, ended)],
-                             self.tok.pad_token_id, self.device)
+        if self.model.own_pooling:
+            kw = dict(padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+            if self.tok.chat_template:
+                enc = self.tok([format_prompt(self.tok, u) + r for u, r in zip(user_texts, replies)],
+                               add_special_tokens=False, **kw)
+            else:
+                enc = self.tok(list(user_texts), list(replies), **kw)
+            return frozen_forward(self.model, ScoreModel.__call__, enc["input_ids"].to(self.device),
+                                  enc["attention_mask"].to(self.device), None,
+                                  enc["token_type_ids"].to(self.device) if self.token_types and "token_type_ids" in enc
+                                  else None)
+        rows = [self.rm_ids(u, r, e) for u, r, e in zip(user_texts, replies, ended)]
+        ids, mask = left_pad([r[-self.max_len:] if self.max_len else r for r in rows], PAD_ID, self.device)
         return frozen_forward(self.model, ScoreModel.__call__, ids, mask, last_index(mask))
 
 
@@ -660,7 +819,11 @@ def load_gold(path):
         raise ConfigError(f"GOLD_REWARD {path!r} has no function score(prompts, responses)")
 
     def score(prompts, responses):
-        out = [float(x) for x in mod.score(prompts, responses)]
+        try:
+            out = [float(x) for x in mod.score(prompts, responses)]
+        except Exception as e:  # the user's function: reported in one line, whatever it raised
+            raise ConfigError(f"GOLD_REWARD {path!r}: score() failed ({first_line(e)}); fix the function, or "
+                              f"--gold_reward= to turn it off") from None
         if len(out) != len(responses):
             raise ConfigError(f"GOLD_REWARD {path!r}: score() returned {len(out)} values for {len(responses)} replies")
         if not all(math.isfinite(x) for x in out):
@@ -674,8 +837,11 @@ def read_records(path, what):
     """Alpaca records from a JSON list or JSONL file; each needs 'instruction' ('input' optional, 'output' unused)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{what} {path!r} not found; give a JSON or JSONL file of {{\"instruction\", \"input\"}} records")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     try:
         rows = json.loads(text)
         rows = [rows] if isinstance(rows, dict) else rows
@@ -687,9 +853,11 @@ def read_records(path, what):
                               f"{{\"instruction\", \"input\"}} records") from None
     if not isinstance(rows, list) or not rows:
         raise ConfigError(f"{what} {path!r} holds no records; expected a non-empty list of {{\"instruction\", ...}}")
-    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not isinstance(r.get("instruction"), str)]
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not isinstance(r.get("instruction"), str)
+           or not isinstance(r.get("input") or "", str)]
     if bad:
-        raise ConfigError(f"{what} {path!r}: record {bad[0]} (and {len(bad) - 1} more) has no 'instruction' text")
+        raise ConfigError(f"{what} {path!r}: record {bad[0]} (and {len(bad) - 1} more) has no 'instruction' text "
+                          f"(or an 'input' that is not text)")
     return rows
 
 
@@ -701,13 +869,35 @@ def user_text(record):
 
 def format_prompt(tok, text):
     """The prompt the actor sees: its chat template with the generation prompt, or plain text for base models."""
-    if tok.chat_template:
+    if not tok.chat_template:
+        return text + "\n"
+    try:
         return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return text + "\n"
+    except Exception as e:  # the model folder's template (Jinja): its errors are the user's to fix
+        raise ConfigError(f"the chat template of {tok.name_or_path!r} fails on a user turn ({first_line(e)}); fix "
+                          f"chat_template in its tokenizer_config.json or chat_template.jinja") from None
 
 
-def load_prompts(path, tok, max_tokens, what, log=print):
-    """-> list of (user_text, prompt_text, prompt_ids); prompts over max_tokens are dropped with a warning."""
+def prompt_budget(c, models):
+    """The prompt tokens a run can take: MAX_PROMPT_TOKENS, or fewer where a prompt + MAX_NEW_TOKENS would pass the
+    learned positions of a model that reads the actor's tokens (GPT-2 1024, OPT 2048: past them generation crashes).
+    models: [(role, model)]. Returns (budget, (what sets it, how to raise it)) for load_prompts."""
+    limits = sorted((max_positions(m), role) for role, m in models if max_positions(m))
+    if not limits or limits[0][0] - c["MAX_NEW_TOKENS"] >= c["MAX_PROMPT_TOKENS"]:
+        return c["MAX_PROMPT_TOKENS"], None
+    positions, role = limits[0]
+    if positions - c["MAX_NEW_TOKENS"] < 1:
+        raise ConfigError(f"MAX_NEW_TOKENS = {c['MAX_NEW_TOKENS']} leaves no room for a prompt in the {positions} "
+                          f"positions of {role}; lower --max_new_tokens")
+    return positions - c["MAX_NEW_TOKENS"], (f"{positions - c['MAX_NEW_TOKENS']} tokens ({positions} positions of "
+                                             f"{role} - MAX_NEW_TOKENS = {c['MAX_NEW_TOKENS']})",
+                                             "lower --max_new_tokens")
+
+
+def load_prompts(path, tok, max_tokens, what, log=print, why=None):
+    """-> list of (user_text, prompt_text, prompt_ids); prompts over max_tokens are dropped with a warning.
+    why: (what sets max_tokens, how to raise it), from prompt_budget; None: MAX_PROMPT_TOKENS."""
+    why = why or (f"MAX_PROMPT_TOKENS = {max_tokens}", "raise --max_prompt_tokens")
     rows = read_records(path, what)
     out = []
     for r in rows:
@@ -716,29 +906,27 @@ def load_prompts(path, tok, max_tokens, what, log=print):
         if len(ids) <= max_tokens:
             out.append((user_text(r), text, ids))
     if not out:
-        raise ConfigError(f"{what} {path!r}: all {len(rows)} prompts are longer than MAX_PROMPT_TOKENS = {max_tokens}; "
-                          f"raise --max_prompt_tokens")
+        raise ConfigError(f"{what} {path!r}: all {len(rows)} prompts are longer than {why[0]}; {why[1]}")
     if len(out) < len(rows):
-        log(f"warning: {what} {path}: dropped {len(rows) - len(out)} of {len(rows)} prompts longer than "
-              f"MAX_PROMPT_TOKENS = {max_tokens}")
+        log(f"warning: {what} {path}: dropped {len(rows) - len(out)} of {len(rows)} prompts longer than {why[0]}")
     return out
 
 
 # ---- rollout: steps 1-6 of a PPO step ----------------------------------------------------------------------------------
-def rollout(actor, ref, critic, scorer, tok, prompts, c, device, beta, score_moments=None, sync_stop=False):
-    """Steps 1-6 for this rank's share of a rollout batch. Returns a dict of [B, T] tensors (names as in N+/TRL)
-    and per-reply info."""
+def rollout(actor, ref, critic, scorer, tok, stop_ids, prompts, c, device, beta, score_moments=None, sync_stop=False):
+    """Steps 1-6 for this rank's share of a rollout batch; a reply ends at any of stop_ids. Returns a dict of [B, T]
+    tensors (names as in N+/TRL) and per-reply info."""
     t0 = time.perf_counter()
     # 1 rollout: sample replies to left-padded prompts, with the log π_old of each token
-    queries, query_mask = left_pad([p[2] for p in prompts], tok.pad_token_id, device)
+    queries, query_mask = left_pad([p[2] for p in prompts], PAD_ID, device)
     ctx = queries.shape[1]
     sampled, logprobs = sample_responses(actor, queries, query_mask, c["MAX_NEW_TOKENS"], c["TEMPERATURE"],
-                                         tok.eos_token_id, tok.pad_token_id, sync_stop)
+                                         stop_ids, PAD_ID, sync_stop)
     # 2 truncate after the first EOS; response mask (True on real tokens, EOS included)
-    responses, mask = truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
+    responses, mask = truncate_after_eos(sampled, stop_ids, PAD_ID)
     query_responses = torch.cat([queries, responses], 1)
     attention_mask = torch.cat([query_mask, mask], 1)
-    ended = (responses == tok.eos_token_id).any(1)
+    ended = ends_with_stop(responses, mask, stop_ids)
     t_generate = time.perf_counter() - t0
 
     # 3 reference logprobs and critic values. The old logprobs (actor before this step's updates) are the
@@ -842,7 +1030,7 @@ def ppo_update(actor, critic, optimizer, params, batch, c):
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------------------
-def evaluate(actor, ref, scorer, tok, prompts, c, device, gold, seed, sync_stop=False):
+def evaluate(actor, ref, scorer, tok, stop_ids, prompts, c, device, gold, seed, sync_stop=False):
     """Held-out evaluation at a fixed seed (RNG state restored afterwards, so it does not change the run):
     mean RM score, KL to the reference (nats per reply), gold score, reply length, EOS rate, and the replies.
     Under torchrun each rank takes an equal share of the prompts and the results are gathered, in prompt order."""
@@ -854,13 +1042,13 @@ def evaluate(actor, ref, scorer, tok, prompts, c, device, gold, seed, sync_stop=
         torch.manual_seed(seed + rank)
         for i in range(0, len(mine), 64):
             chunk = mine[i:i + 64]
-            queries, query_mask = left_pad([p[2] for p in chunk], tok.pad_token_id, device)
+            queries, query_mask = left_pad([p[2] for p in chunk], PAD_ID, device)
             ctx = queries.shape[1]
             sampled, lp = sample_responses(actor, queries, query_mask, c["MAX_NEW_TOKENS"], c["TEMPERATURE"],
-                                           tok.eos_token_id, tok.pad_token_id, sync_stop)
-            responses, mask = truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
+                                           stop_ids, PAD_ID, sync_stop)
+            responses, mask = truncate_after_eos(sampled, stop_ids, PAD_ID)
             qr, am = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
-            ended = (responses == tok.eos_token_id).any(1)
+            ended = ends_with_stop(responses, mask, stop_ids)
             ref_lp = frozen_forward(ref, response_logprobs, qr, am, ctx, c["TEMPERATURE"])
             replies = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(responses.cpu(), mask.cpu())]
             out["rm"] += scorer(qr, am, ctx, [p[0] for p in chunk], replies, ended.tolist()).tolist()
@@ -1052,10 +1240,15 @@ def load_roles(c, device, dtype):
     rm_tok, rm_notes = load_tokenizer(c["REWARD_MODEL"], "REWARD_MODEL")
     fp32 = torch.float32  # trained models keep fp32 master weights; DTYPE is their compute dtype (autocast)
     actor = load_model("causal", c["ACTOR_MODEL"], "ACTOR_MODEL", device, fp32)
+    check_tokenizer_fits(tok, actor, c["ACTOR_MODEL"], "ACTOR_MODEL")
     ref = freeze(load_model("causal", ref_path, "REF_MODEL", frozen_device, dtype))
-    scorer = RewardScorer(freeze(load_model("score", c["REWARD_MODEL"], "REWARD_MODEL", frozen_device, dtype)),
-                          rm_tok, tok, device)
+    rm = freeze(load_model("reward", c["REWARD_MODEL"], "REWARD_MODEL", frozen_device, dtype, label=c["REWARD_LABEL"]))
+    check_tokenizer_fits(rm_tok, rm.model, c["REWARD_MODEL"], "REWARD_MODEL")
+    scorer = RewardScorer(rm, rm_tok, tok, device)
     notes += rm_notes
+    if not scorer.same_tokenizer and scorer.max_len and scorer.max_len < c["MAX_PROMPT_TOKENS"] + c["MAX_NEW_TOKENS"]:
+        notes.append(f"the reward model reads at most {scorer.max_len} of its tokens: a longer conversation keeps its "
+                     f"last {scorer.max_len} (a decoder) or is truncated by its tokenizer (an encoder)")
     if c["CRITIC_MODEL"]:  # an explicit critic must read the actor's tokens
         critic_tok, _ = load_tokenizer(c["CRITIC_MODEL"], "CRITIC_MODEL")
         if critic_tok.get_vocab() != tok.get_vocab():
@@ -1063,13 +1256,15 @@ def load_roles(c, device, dtype):
                               f"values the actor's tokens, so give a value model with the actor's tokenizer, or "
                               f"--critic_model= for the default")
         critic_path, critic = c["CRITIC_MODEL"], load_model("score", c["CRITIC_MODEL"], "CRITIC_MODEL", device, fp32)
-    elif scorer.same_tokenizer:  # default: a trained copy of the reward model (N+, PPO-max, OpenRLHF)
+    elif scorer.same_tokenizer and rm.model.config.num_labels == 1:  # default: a trained copy of the RM (N+, OpenRLHF)
         critic_path, critic = c["REWARD_MODEL"], load_model("score", c["REWARD_MODEL"], "CRITIC_MODEL", device, fp32)
-    else:  # the RM cannot read the actor's tokens: the actor's weights with a fresh, zero value head (OAI)
+    else:  # the RM gives no value per actor token: the actor's weights with a fresh, zero value head (OAI)
         critic_path = c["ACTOR_MODEL"]
         critic = load_model("score", c["ACTOR_MODEL"], "CRITIC_MODEL", device, fp32, fresh_value_head=True)
-        notes.append("the reward model's tokenizer differs from the actor's: replies are re-tokenised for the reward "
-                     "model, and the critic is the actor's weights with a new zero-initialised value head")
+        why = ("the reward model is an encoder classifier, read through its own tokenizer and pooling" if rm.own_pooling
+               else "the reward model's tokenizer differs from the actor's: replies are re-tokenised for it"
+               if not scorer.same_tokenizer else "the reward model has several outputs")
+        notes.append(f"{why}; the critic is the actor's weights with a new zero-initialised value head")
     critic.model.config.pad_token_id = tok.pad_token_id
     if c["GRADIENT_CHECKPOINTING"]:
         for m in (actor, critic.model):
@@ -1099,8 +1294,12 @@ def wrap_for_training(actor, critic, c, device):
     return actor, critic
 
 
-def save_models(actor, critic, tok, model_dir, master):
-    """save_pretrained of actor and critic (+ tokenizer); under FSDP the full weights are gathered to rank 0 first."""
+def save_models(actor, critic, tok, stop_ids, model_dir, master):
+    """save_pretrained of actor and critic, each beside the actor's tokenizer, as models a user loads and runs as they
+    are: the tokenizer as loaded (its pad a real token), the actor's generation_config ending replies at the run's
+    stop tokens, no id of the trainer's own. Under FSDP the full weights are gathered to rank 0 first."""
+    actor.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
+    actor.generation_config.pad_token_id = tok.pad_token_id
     fsdp = any(type(p).__name__ == "DTensor" for p in actor.parameters())
     for name, m in (("actor", actor), ("critic", critic.model)):
         state = None
@@ -1180,9 +1379,17 @@ def save_checkpoint(ckpt_dir, keep, step, actor, critic, optimizer, state, promp
     return os.path.join(ckpt_dir, f"step_{step:08d}")
 
 
-def read_meta(path):
-    with open(os.path.join(path, "meta.json")) as f:
-        return json.load(f)
+def read_checkpoint(path, name):
+    """meta.json (step and config, read without the weights) or state.pt of a checkpoint; a damaged one is one line."""
+    file = os.path.join(path, name)
+    try:
+        if name == "state.pt":
+            return torch.load(file, map_location="cpu", weights_only=False)
+        with open(file, encoding="utf-8") as f:
+            return dict(json.load(f))
+    except Exception as e:  # a file on disk that a crash or a copy damaged
+        raise ConfigError(f"checkpoint {path}: {name} cannot be read ({first_line(e)}); move that folder away to "
+                          f"resume from an earlier checkpoint, or --resume=never") from None
 
 
 def config_differences(saved, c):
@@ -1203,7 +1410,7 @@ def choose_checkpoint(c, ckpt_dir, log):
         if not os.path.isfile(os.path.join(path, "state.pt")):
             raise ConfigError(f"RESUME {c['RESUME']!r} holds no checkpoint (a step_XXXXXXXX folder with state.pt); "
                               f"give one, or --resume=auto / --resume=never")
-        diff = config_differences(read_meta(path)["config"], c)
+        diff = config_differences(read_checkpoint(path, "meta.json").get("config", {}), c)
         if diff:
             raise ConfigError(f"checkpoint {path} comes from a different config ({'; '.join(diff[:3])}); resume with "
                               f"its settings, or start over with --resume=never")
@@ -1211,7 +1418,7 @@ def choose_checkpoint(c, ckpt_dir, log):
     found = list_checkpoints(ckpt_dir)
     if not found:
         return None, False
-    diff = config_differences(read_meta(found[-1])["config"], c)
+    diff = config_differences(read_checkpoint(found[-1], "meta.json").get("config", {}), c)
     if not diff:
         return found[-1], False
     log(f"note: not resuming {found[-1]}: the config changed ({'; '.join(diff[:3])}); starting fresh")
@@ -1373,13 +1580,16 @@ def train(c):
     kl_ctl = AdaptiveKLController(c["INIT_KL_COEF"], c["PPO_TARGET"], c["KL_HORIZON"], c["ADAPTIVE_KL"])
     score_moments = RunningMoments() if c["SCORE_NORM"] else None
     gold = load_gold(c["GOLD_REWARD"]) if c["GOLD_REWARD"] else None
+    stop_ids = stop_token_ids(tok, actor, c["STOP_TOKENS"])
 
-    # data: prompt-only; the 'output' field is never read
-    prompts = load_prompts(c["PROMPT_FILE"], tok, c["MAX_PROMPT_TOKENS"], "PROMPT_FILE", log)
+    # data: prompt-only; the 'output' field is never read. Prompt + reply must fit every model reading actor tokens.
+    budget, why = prompt_budget(c, [("ACTOR_MODEL", actor), ("REF_MODEL", ref), ("CRITIC_MODEL", critic.model)]
+                                + ([("REWARD_MODEL", scorer.model.model)] if scorer.same_tokenizer else []))
+    prompts = load_prompts(c["PROMPT_FILE"], tok, budget, "PROMPT_FILE", log, why)
     if len(prompts) < rollout_batch:
         raise ConfigError(f"PROMPT_FILE has {len(prompts)} usable prompts, fewer than one rollout batch "
                           f"({rollout_batch}); add prompts or lower MINI_BATCH_SIZE")
-    eval_prompts = load_prompts(c["EVAL_FILE"], tok, c["MAX_PROMPT_TOKENS"], "EVAL_FILE", log) if c["EVAL_FILE"] else []
+    eval_prompts = load_prompts(c["EVAL_FILE"], tok, budget, "EVAL_FILE", log, why) if c["EVAL_FILE"] else []
     eval_prompts = eval_prompts[:c["EVAL_SIZE"]] if c["EVAL_SIZE"] else eval_prompts
     eval_prompts = eval_prompts[:len(eval_prompts) // world * world]  # an equal share per rank
 
@@ -1391,14 +1601,17 @@ def train(c):
     log("derived:", " ".join(f"{k}={v}" for k, v in derived.items()))
     for n in notes:
         log("note:", n)
+    log("stop tokens (a reply ends at any):", ", ".join(f"{tok.convert_ids_to_tokens(i)!r} ({i})" for i in stop_ids))
     log(f"models: actor {actor.num_parameters():,} params, critic {critic.model.num_parameters():,}, reward model "
-        f"{'same tokenizer' if scorer.same_tokenizer else 'own tokenizer (re-tokenising replies)'}; "
+        f"{'same tokenizer' if scorer.same_tokenizer else 'own tokenizer (re-tokenising replies)'}"
+        f"{', own pooling' if scorer.model.own_pooling else ''}; "
         f"prompts: {len(prompts)} train, {len(eval_prompts)} eval")
     csv_path = os.path.join(metrics_dir, "training_metrics.csv")
     samples_path = os.path.join(metrics_dir, "samples.jsonl")
     models = {"actor": c["ACTOR_MODEL"], "reference": ref_path, "reward": c["REWARD_MODEL"], "critic": critic_path,
               "actor_params": actor.num_parameters(), "critic_params": critic.model.num_parameters(),
-              "reward_same_tokenizer": scorer.same_tokenizer}
+              "reward_same_tokenizer": scorer.same_tokenizer, "reward_own_pooling": scorer.model.own_pooling,
+              "stop_tokens": {tok.convert_ids_to_tokens(i): i for i in stop_ids}}
     data = {"prompt_file": c["PROMPT_FILE"], "train_prompts": len(prompts), "eval_file": c["EVAL_FILE"],
             "eval_prompts": len(eval_prompts)}
     files = {"curves": os.path.join(metrics_dir, "training_curves.png"), "metrics_csv": csv_path,
@@ -1415,14 +1628,14 @@ def train(c):
     def run_eval(step):
         t0 = time.perf_counter()
         with autocast(device, dtype):
-            res, detail = evaluate(actor, ref, scorer, tok, eval_prompts, c, device, gold, c["SEED"] + 1, fsdp)
+            res, detail = evaluate(actor, ref, scorer, tok, stop_ids, eval_prompts, c, device, gold, c["SEED"] + 1, fsdp)
         state["timing"]["eval"] += time.perf_counter() - t0
         detail["prompts"] = [p[0] for p in eval_prompts]
         return dict(res, step=step), detail
 
     resume_path, move_aside = choose_checkpoint(c, ckpt_dir, log)
     if resume_path:
-        saved = torch.load(os.path.join(resume_path, "state.pt"), map_location="cpu", weights_only=False)
+        saved = read_checkpoint(resume_path, "state.pt")
         load_trained_state(actor, critic, optimizer, saved["models"], saved["optimizer"], fsdp)
         state.update({k: saved[k] for k in state if k != "config"})
         kl_ctl.value = state["kl_coef"]
@@ -1488,7 +1701,7 @@ def train(c):
         # steps 1-6: rollout, truncate, logprobs/values, scores, KL-shaped rewards, GAE
         beta = kl_ctl.value
         with autocast(device, dtype):
-            batch = rollout(actor, ref, critic, scorer, tok, batch_prompts, c, device, beta, score_moments, fsdp)
+            batch = rollout(actor, ref, critic, scorer, tok, stop_ids, batch_prompts, c, device, beta, score_moments, fsdp)
         # step 7: PPO epochs over minibatches; a batch with a non-finite score is not trained on
         t0 = time.perf_counter()
         scores_ok = all_reduce_sum(torch.isfinite(batch["scores"]).all().logical_not().float()).item() == 0
@@ -1567,7 +1780,7 @@ def train(c):
         state["eval_points"].append(eval_after)
         log("eval after: ", json.dumps({k: round(v, 3) for k, v in eval_after.items()}))
     if c["SAVE_MODEL"]:
-        save_models(actor, critic, tok, model_dir, master)
+        save_models(actor, critic, tok, stop_ids, model_dir, master)
     if dist_on():
         torch.distributed.barrier()
     if not master:

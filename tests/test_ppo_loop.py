@@ -40,7 +40,7 @@ def test_step0_invariants(world):
     actor, critic = copy.deepcopy(actor), copy.deepcopy(critic)
     torch.manual_seed(0)
     B = 16
-    batch = ppo.rollout(actor, ref, critic, scorer, tok, prompts[:B], c, CPU, beta=0.2)
+    batch = ppo.rollout(actor, ref, critic, scorer, tok, [tok.eos_token_id], prompts[:B], c, CPU, beta=0.2)
     mask = batch["mask"]
     # policy == reference => every per-token KL is 0 (the old logprobs come from the KV-cache sampler, the reference's
     # from a full forward: equal up to fp32 rounding), rewards are the score alone, at the last real token
@@ -85,7 +85,7 @@ def test_step0_invariants(world):
 def test_gradient_clipping_bounds_the_joint_update(world):
     c, tok, actor, ref, rm, critic, scorer, prompts = world
     torch.manual_seed(0)
-    batch = ppo.rollout(actor, ref, critic, scorer, tok, prompts[:4], c, CPU, beta=0.2)
+    batch = ppo.rollout(actor, ref, critic, scorer, tok, [tok.eos_token_id], prompts[:4], c, CPU, beta=0.2)
     one_step = dict(MINI_BATCH_SIZE=4, GRAD_ACCUM=1, PPO_BUFFER_SIZE=1, PPO_EPOCHS=1)
     for max_norm in (1e-3, 0.0, 1e6):  # clipped; off; above the norm (no change to the gradient)
         a, v = copy.deepcopy(actor), copy.deepcopy(critic)
@@ -173,7 +173,7 @@ def test_sampler_never_draws_a_zero_probability_token():
     n = 20000
     q, qm = torch.ones(n, 3, dtype=torch.long), torch.ones(n, 3, dtype=torch.bool)
     torch.manual_seed(0)
-    tokens, logp = ppo.sample_responses(FixedLM(), q, qm, 1, 1.0, eos_id=99, pad_id=0)
+    tokens, logp = ppo.sample_responses(FixedLM(), q, qm, 1, 1.0, stop_ids=[99], pad_id=0)
     counts = torch.bincount(tokens[:, 0], minlength=5).float() / n
     assert counts[1] == 0 and counts[4] == 0
     p = torch.softmax(logits, 0)
@@ -187,3 +187,19 @@ def test_dropout_is_disabled_in_every_role(world):
         assert all(d.p == 0 for d in m.modules() if isinstance(d, torch.nn.Dropout))
         assert not m.training
     assert not any(p.requires_grad for p in ref.parameters()) and not any(p.requires_grad for p in rm.parameters())
+
+
+def test_replies_end_at_any_of_the_stop_tokens(world):
+    """Sampling, truncation, masks and `ended` all use the whole stop set: here EOS and '.', so most replies end at
+    their first full stop (chat models end turns with tokens other than the tokenizer's EOS)."""
+    c, tok, actor, ref, rm, critic, scorer, prompts = world
+    period = tok.convert_tokens_to_ids(".")
+    stops = [tok.eos_token_id, period]
+    torch.manual_seed(0)
+    batch = ppo.rollout(actor, ref, critic, scorer, tok, stops, prompts[:16], c, CPU, beta=0.2)
+    resp, mask, ended = batch["responses"], batch["mask"], batch["ended"]
+    last = resp[torch.arange(len(resp)), ppo.last_index(mask)]
+    assert torch.equal(ended, torch.isin(last, torch.tensor(stops)))  # ended <=> the last real token is a stop token
+    assert ((ppo.is_stop(resp, stops) & mask).sum(1) <= 1).all()     # nothing is kept after the first one
+    assert (last == period).sum() >= 8 and ended.all()               # the extra stop token really ends replies
+    assert all(r.count(".") <= 1 for r in batch["replies"])

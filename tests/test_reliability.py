@@ -124,7 +124,7 @@ def test_non_finite_gradients_skip_the_update():
     scorer = ppo.RewardScorer(ppo.freeze(ppo.load_model("score", RM, "REWARD_MODEL", torch.device("cpu"),
                                                         torch.float32)), tok, tok, torch.device("cpu"))
     prompts = ppo.load_prompts(c["PROMPT_FILE"], tok, 128, "PROMPT_FILE")[:4]
-    batch = ppo.rollout(actor, ref, critic, scorer, tok, prompts, c, torch.device("cpu"), 0.1)
+    batch = ppo.rollout(actor, ref, critic, scorer, tok, [tok.eos_token_id], prompts, c, torch.device("cpu"), 0.1)
     batch["advantages"] = batch["advantages"].masked_fill(batch["mask"], float("nan"))
     params = list(actor.parameters()) + list(critic.parameters())
     before = [p.clone() for p in params]
@@ -187,9 +187,24 @@ def bad_files(tmp_path_factory):
     (d / "not_json.txt").write_text("instruction: hello\n")
     (d / "no_instruction.jsonl").write_text('{"input": "x"}\n')
     (d / "a_file").write_text("x")
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+    (d / "latin1.json").write_bytes('[{"instruction": "Beschreibe die Lampe, bitte", "input": "Größe"}]'.encode("latin-1"))
+    (d / "raises.py").write_text("def score(p, r):\n    raise KeyError('product')\n")
+    from transformers import GPT2Config, GPT2ForSequenceClassification, T5Config, T5ForConditionalGeneration
     two = GPT2ForSequenceClassification(GPT2Config(vocab_size=800, n_embd=16, n_layer=1, n_head=2, num_labels=2))
     two.save_pretrained(d / "rm2")
+    T5ForConditionalGeneration(T5Config(vocab_size=800, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)) \
+        .save_pretrained(d / "t5")  # an encoder-decoder: AutoModelForCausalLM has no class for it
+    # model folders as they arrive broken: weights only, custom code, a config that is not JSON, cut-off weights
+    shutil.copytree(SFT, d / "no_tokenizer", ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
+    for name in ("remote_code", "bad_config", "truncated"):
+        shutil.copytree(SFT, d / name)
+    cfg = json.load(open(d / "remote_code/config.json"))
+    cfg.update(model_type="acme_lm", architectures=["AcmeForCausalLM"],
+               auto_map={"AutoConfig": "modeling_acme.AcmeConfig", "AutoModelForCausalLM": "modeling_acme.AcmeForCausalLM"})
+    json.dump(cfg, open(d / "remote_code/config.json", "w"))
+    (d / "bad_config/config.json").write_text('{"model_type": "gpt2", "n_embd": 64,')
+    weights = (d / "truncated/model.safetensors").read_bytes()
+    (d / "truncated/model.safetensors").write_bytes(weights[:len(weights) // 2])
     return d
 
 
@@ -209,6 +224,14 @@ BAD = [
     (lambda d: ["--max_new_tokens=-3"], "MAX_NEW_TOKENS"),
     (lambda d: ["--mini_batch_size=2000"], "fewer than one rollout batch"),
     (lambda d: ["--resume=/nonexistent"], "holds no checkpoint"),
+    (lambda d: [f"--prompt_file={d}/latin1.json"], "is not UTF-8 text"),
+    (lambda d: [f"--gold_reward={d}/raises.py"], "score() failed (KeyError"),
+    (lambda d: [f"--actor_model={d}/t5"], "cannot be loaded as a causal LM"),
+    (lambda d: [f"--actor_model={d}/no_tokenizer"], "lacks the model's tokenizer files"),
+    (lambda d: [f"--actor_model={d}/remote_code"], "needs its own Python code"),
+    (lambda d: [f"--actor_model={d}/bad_config"], "is not valid JSON"),
+    (lambda d: [f"--actor_model={d}/truncated"], "truncated or corrupt"),
+    (lambda d: ["--stop_tokens=<|nope|>"], "not one token of the actor's tokenizer"),
 ]
 
 
@@ -237,7 +260,10 @@ def test_missing_pad_or_pad_equal_to_eos_is_handled(tmp_path, pad):
     tok.pad_token = None if pad is None else tok.eos_token
     tok.save_pretrained(tmp_path / "actor")
     tok2, notes = ppo.load_tokenizer(str(tmp_path / "actor"), "ACTOR_MODEL")
-    assert tok2.pad_token_id != tok2.eos_token_id and "added <|ppo_pad|>" in notes[0]
+    assert len(tok2) == len(tok) and tok2.pad_token_id == tok2.eos_token_id  # no token added; pad is a real token
+    assert (pad is None) == any("no pad token" in n for n in notes)
     s = ppo.train(config(tmp_path / "out", ACTOR_MODEL=str(tmp_path / "actor"), TOTAL_STEPS=2))
-    assert s["steps"] == 2 and any("<|ppo_pad|>" in n for n in s["notes"])
-    assert s["eval_before"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the pad id beyond the vocabulary is never embedded
+    assert s["steps"] == 2 and s["eval_before"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    # padding is carried by masks, so the same seed gives the same run as with the demo's own pad token
+    same = ppo.train(config(tmp_path / "demo", TOTAL_STEPS=2))
+    assert s["eval_after"] == pytest.approx(same["eval_after"], abs=1e-6)
