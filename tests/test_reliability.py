@@ -53,6 +53,12 @@ def test_four_steps_equal_two_then_two_resumed(tmp_path):
     before = (tmp_path / "b/ppo_metrics/summary.json").read_bytes()
     assert ppo.train(config(tmp_path / "b", TOTAL_STEPS=4)) is None
     assert (tmp_path / "b/ppo_metrics/summary.json").read_bytes() == before
+    # a damaged checkpoint is one clear line that names it, and nothing is written
+    for name, damage in (("state.pt", b"PK\x03\x04 cut off"), ("meta.json", b'{"step": 4, "conf')):
+        (tmp_path / "b/checkpoints/step_00000004" / name).write_bytes(damage)
+        with pytest.raises(ppo.ConfigError, match=f"step_00000004: {name} cannot be read"):
+            ppo.train(config(tmp_path / "b", TOTAL_STEPS=5))
+        assert (tmp_path / "b/ppo_metrics/summary.json").read_bytes() == before
 
 
 def test_checkpoints_rotate_and_a_changed_config_starts_fresh_keeping_the_old_ones(tmp_path, capsys):
