@@ -1797,7 +1797,12 @@ def train(c):
 def resolve_config(argv):
     config = {k: globals()[k] for k in CONFIG_KEYS}
     if any(a in ("-h", "--help") for a in argv):
-        print_help(config)
+        try:
+            print_help(config)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader stopped early (--help | head): end quietly, as command-line tools do;
+            # stdout goes to devnull so that the interpreter's last flush at exit does not fail again (Python docs)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     config.update(parse_overrides(argv, config))
     return config

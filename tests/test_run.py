@@ -121,6 +121,13 @@ def test_help_lists_every_constant_with_its_comment():
     assert "KL target of the adaptive controller" in r.stdout
 
 
+def test_help_into_a_closed_pipe_ends_quietly():
+    """`python code/ppo.py --help | head`: the reader is gone before the help is written; no traceback."""
+    p = subprocess.Popen([sys.executable, SCRIPT, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # every write of the help now meets a closed pipe
+    assert p.wait(timeout=60) == 0 and p.stderr.read() == b""
+
+
 def test_benchmark_reports_phases_floor_and_overhead(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "code/benchmark.py"), "--steps=3", "--mini_batch_size=4",
                         "--ppo_buffer_size=1", "--ppo_epochs=1", "--max_new_tokens=8", "--device=cpu",
