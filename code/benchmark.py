@@ -10,8 +10,9 @@ a temporary folder (random weights rarely emit EOS, so replies run to MAX_NEW_TO
 
 Prints and writes OUTPUT_DIR/benchmark.json (default output/benchmark): median step time and its split into
 generate / score / train, generated tokens per second, peak memory, and the floor: the sum of the bare operations
-measured alone on the same prompts and reply lengths (sampling the rollout, which also gives the old logprobs; the
-reference, critic and reward forwards; the PPO forward/backward/optimizer passes). overhead = step time / floor.
+measured alone on the same prompts: ppo.rollout's generate phase (sampling, which also gives the old logprobs) and
+score phase (reference, critic and reward forwards, rewards, GAE), and ppo.ppo_update (the PPO forward/backward/
+optimizer passes), called without the loop around them. overhead = step time / floor.
 """
 import json
 import os
@@ -52,48 +53,25 @@ def timed(fn, device):
 
 
 def measure_floor(c, batches, device, dtype):
-    """The bare operations of one PPO step, each timed alone on the same prompts: median seconds per step."""
+    """The PPO step's own functions called directly on the same prompts, without the loop around them (metrics,
+    gold score, CSV, checkpoints): ppo.rollout (its generate and score phases) and ppo.ppo_update. Median seconds
+    per step of each phase."""
     torch.manual_seed(c["SEED"])
-    tok, actor, ref, scorer, critic, _, _ = ppo.load_roles(c, device, dtype)
-    stop_ids = ppo.stop_token_ids(tok, actor, c["STOP_TOKENS"])
-    params = list(actor.parameters()) + list(critic.parameters())
-    optimizer = torch.optim.AdamW(params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"], fused=device.type in ("cpu", "cuda"))
-    amp = ppo.autocast(device, dtype)
-    per_step = c["MINI_BATCH_SIZE"] * c["GRAD_ACCUM"]
+    roles = ppo.load_roles(c, device, dtype)
+    roles.params = list(roles.actor.parameters()) + list(roles.critic.parameters())
+    roles.optimizer = torch.optim.AdamW(roles.params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"],
+                                        fused=device.type in ("cpu", "cuda"))
     parts = {"sample": [], "score": [], "train": []}
     for prompts in batches:
-        queries, query_mask = ppo.left_pad([p[2] for p in prompts], ppo.PAD_ID, device)
-        ctx = queries.shape[1]
-        with amp:
-            t, (sampled, _) = timed(lambda: ppo.sample_responses(actor, queries, query_mask, c["MAX_NEW_TOKENS"],
-                                                                 c["TEMPERATURE"], stop_ids, ppo.PAD_ID),
-                                    device)
-        parts["sample"].append(t)
-        responses, mask = ppo.truncate_after_eos(sampled, stop_ids, ppo.PAD_ID)
-        qr, am = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
-
-        def score():
-            with torch.inference_mode(), amp:
-                ppo.critic_values(critic, qr, am, ctx)
-                ppo.response_logprobs(ref, qr, am, ctx, c["TEMPERATURE"])
-                scorer.model(qr, am, ppo.last_index(am))
-        parts["score"].append(timed(score, device)[0])
+        with ppo.autocast(device, dtype):
+            batch = ppo.rollout(roles.actor, roles.ref, roles.critic, roles.scorer, roles.tok, roles.stop_ids, prompts,
+                                c, device, c["INIT_KL_COEF"])
+        parts["sample"].append(batch["time_generate"])
+        parts["score"].append(batch["time_score"])
 
         def train():
-            B = len(prompts)
-            for _ in range(c["PPO_EPOCHS"]):
-                order = torch.randperm(B)
-                for start in range(0, B, per_step):
-                    for micro in range(start, start + per_step, c["MINI_BATCH_SIZE"]):
-                        idx = order[micro:micro + c["MINI_BATCH_SIZE"]].to(device)
-                        ids, attn, mb_ctx, T = ppo.trim_padding(qr[idx], am[idx], ctx, mask[idx])
-                        with amp:
-                            lp = ppo.response_logprobs(actor, ids, attn, mb_ctx, c["TEMPERATURE"])
-                            v = ppo.critic_values(critic, ids, attn, mb_ctx)
-                        m = mask[idx, :T]
-                        (-(lp * m).mean() + c["VF_COEF"] * (v * m).pow(2).mean()).backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+            with ppo.autocast(device, dtype):
+                ppo.ppo_update(roles.actor, roles.critic, roles.optimizer, roles.params, batch, c)
         parts["train"].append(timed(train, device)[0])
     return {k: statistics.median(v) for k, v in parts.items()}
 

@@ -18,7 +18,6 @@ that a reward-hacking policy would otherwise find: repetition, replies cut off w
 replies, off-topic replies (also the same reply with the product swapped for another).
 """
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -32,7 +31,9 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
+sys.path.insert(0, os.path.join(ROOT, "code"))
 import demo_gold_reward as gold  # noqa: E402  (the gold rule lives with the data it defines)
+import ppo  # noqa: E402  (the same prompt format, padding and sampler as the trainer)
 
 PAD, EOS, USER, ASSISTANT = "<|pad|>", "<|eos|>", "<|user|>", "<|assistant|>"
 # The one prompt format of the demo: what ppo.py gets from tokenizer.apply_chat_template(add_generation_prompt=True).
@@ -130,11 +131,6 @@ def make_records(rng, n, seen, distinct=True):
     return out
 
 
-def user_text(rec):
-    """User turn = instruction, newline, input (LLaMA-Factory's Alpaca conversion); ppo.py does the same."""
-    return rec["instruction"] + ("\n" + rec["input"] if rec.get("input") else "")
-
-
 def hard_negative(rng, reply, item):
     """A worse version of `reply` of the kinds a reward hacker finds. Returns (text, ends_with_eos)."""
     words = reply.split()
@@ -162,7 +158,7 @@ def hard_negative(rng, reply, item):
 
 def make_pairs(rng, records, n_pairs):
     """Preference pairs labelled by the gold rule: (prompt, chosen, rejected, rejected_has_eos)."""
-    items = [gold.find_items(user_text(r))[0] for r in records]
+    items = [gold.find_items(ppo.user_text(r))[0] for r in records]
     pairs = []
     with tqdm(total=n_pairs, desc="pairs", leave=False) as bar:
         while len(pairs) < n_pairs:
@@ -173,12 +169,13 @@ def make_pairs(rng, records, n_pairs):
                 b, b_eos = hard_negative(rng, a if rng.random() < 0.7 else make_reply(rng, item, "good"), item)
             else:
                 b, b_eos = make_reply(rng, item, rng.choice(SFT_MOODS)), True
-            ga, gb = gold.score([user_text(rec)] * 2, [a, b])
+            ga, gb = gold.score([ppo.user_text(rec)] * 2, [a, b])
             gb = gb if b_eos else min(gb, -1.0)  # a cut-off reply is never better than a finished one
             if abs(ga - gb) < 0.5:
                 continue
             chosen, rejected, rej_eos = (a, b, b_eos) if ga > gb else (b, a, True)
-            pairs.append({"prompt": user_text(rec), "chosen": chosen, "rejected": rejected, "rejected_eos": rej_eos})
+            pairs.append({"prompt": ppo.user_text(rec), "chosen": chosen, "rejected": rejected,
+                          "rejected_eos": rej_eos})
             bar.update()
     return pairs
 
@@ -203,22 +200,15 @@ def train_tokenizer(texts, vocab_size, out_dir):
 
 def encode_pair(tok, prompt, reply, with_eos=True):
     """Token ids of the templated prompt and of the reply (+EOS); the layout ppo.py generates and scores."""
-    p = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    p_ids = tok(p, add_special_tokens=False)["input_ids"]
+    p_ids = tok(ppo.format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
     r_ids = tok(reply, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if with_eos else [])
     return p_ids, r_ids
 
 
-def left_pad(rows, pad_id):
-    """Left-pad id lists into (ids, attention_mask, position_ids); positions count real tokens only."""
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        mask[i, L - len(r):] = 1
-    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+def left_pad(rows):
+    """ppo.py's left padding as model inputs: (ids, attention_mask, position_ids); positions count real tokens only."""
+    ids, mask = ppo.left_pad(rows, ppo.PAD_ID, torch.device("cpu"))
+    return ppo.model_inputs(ids, mask), mask, ppo.position_ids_of(mask)
 
 
 def gpt2_config(tok, size, num_labels=None):
@@ -245,10 +235,10 @@ def train_sft(tok, records, heldout, size, steps, batch, lr, seed):
     def batch_of(recs):
         rows, labels = [], []
         for r in recs:
-            p, a = encode_pair(tok, user_text(r), r["output"])
+            p, a = encode_pair(tok, ppo.user_text(r), r["output"])
             rows.append(p + a)
             labels.append([-100] * len(p) + a)  # loss on the reply and its EOS only
-        ids, mask, pos = left_pad(rows, tok.pad_token_id)
+        ids, mask, pos = left_pad(rows)
         lab = torch.full_like(ids, -100)
         for i, lb in enumerate(labels):
             lab[i, ids.shape[1] - len(lb):] = torch.tensor(lb)
@@ -292,7 +282,7 @@ def train_rm(tok, pairs, heldout, sft_dir, steps, batch, lr, seed):
             pc, c = encode_pair(tok, p["prompt"], p["chosen"])
             pr, r = encode_pair(tok, p["prompt"], p["rejected"], with_eos=p["rejected_eos"])
             rows += [pc + c, pr + r]
-        ids, mask, pos = left_pad(rows, tok.pad_token_id)
+        ids, mask, pos = left_pad(rows)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.squeeze(-1)
         return out[0::2], out[1::2]
 
@@ -318,33 +308,17 @@ def train_rm(tok, pairs, heldout, sft_dir, steps, batch, lr, seed):
 
 @torch.no_grad()
 def sample_replies(model, tok, prompts, max_new_tokens, temperature, seed):
-    """Plain temperature sampling of one reply per prompt; returns (texts, ended_with_eos)."""
-    g = torch.Generator().manual_seed(seed)
-    texts, ended = [], []
+    """One reply per prompt with ppo.py's own sampler (plain temperature sampling, stopping at EOS): the replies PPO
+    starts from. Returns (texts, ended_with_eos)."""
+    torch.manual_seed(seed)
+    texts, ended, stop = [], [], [tok.eos_token_id]
     for i in range(0, len(prompts), 64):
-        rows = [encode_pair(tok, p, "")[0] for p in prompts[i:i + 64]]
-        ids, mask, pos = left_pad(rows, tok.pad_token_id)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        done = torch.zeros(len(rows), dtype=torch.bool)
-        resp = []
-        for _ in range(max_new_tokens):
-            probs = torch.softmax(out.logits[:, -1] / temperature, -1)
-            nxt = torch.multinomial(probs, 1, generator=g).squeeze(1)
-            nxt = torch.where(done, tok.pad_token_id, nxt)
-            resp.append(nxt)
-            done |= nxt == tok.eos_token_id
-            if done.all():
-                break
-            mask = torch.cat([mask, (~done | (nxt == tok.eos_token_id)).long()[:, None]], 1)
-            pos = pos[:, -1:] + 1
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=out.cache,
-                        use_cache=True)
-        resp = torch.stack(resp, 1).tolist()
-        for r in resp:
-            stop = tok.eos_token_id in r
-            body = r[:r.index(tok.eos_token_id)] if stop else r
-            texts.append(tok.decode([t for t in body if t != tok.pad_token_id], skip_special_tokens=True))
-            ended.append(stop)
+        rows = [encode_pair(tok, p, "", with_eos=False)[0] for p in prompts[i:i + 64]]
+        ids, mask = ppo.left_pad(rows, ppo.PAD_ID, torch.device("cpu"))
+        sampled, _ = ppo.sample_responses(model, ids, mask, max_new_tokens, temperature, stop, ppo.PAD_ID)
+        resp, keep = ppo.truncate_after_eos(sampled, stop, ppo.PAD_ID)
+        texts += [tok.decode(r[k].tolist(), skip_special_tokens=True) for r, k in zip(resp, keep)]
+        ended += ppo.ends_with_stop(resp, keep, stop).tolist()
     return texts, ended
 
 
@@ -386,8 +360,8 @@ def main():
           f"records, {len(pairs)} preference pairs")
 
     sft_dir, rm_dir = os.path.join(models_dir, "demo-sft"), os.path.join(models_dir, "demo-rm")
-    corpus = [user_text(r) for r in sft_records + train_records + eval_records] + [r["output"] for r in sft_records] \
-        + [p["rejected"] for p in pairs]
+    corpus = [ppo.user_text(r) for r in sft_records + train_records + eval_records] \
+        + [r["output"] for r in sft_records] + [p["rejected"] for p in pairs]
     t0 = time.time()
     tok = train_tokenizer(corpus, vocab, sft_dir)
     tok.save_pretrained(rm_dir)
@@ -408,7 +382,7 @@ def main():
     print(f"RM: held-out pairwise accuracy {rm_acc:.3f} ({t_rm:.0f}s)")
 
     # Quality of what SFT writes on held-out prompts at temperature 1.0 (the PPO starting point).
-    prompts = [user_text(r) for r in eval_records]
+    prompts = [ppo.user_text(r) for r in eval_records]
     texts, ended = sample_replies(sft, tok, prompts, 48, 1.0, a.seed)
     golds = gold.score(prompts, texts)
     refs = gold.score(prompts, [r["output"] for r in eval_records])
@@ -417,7 +391,7 @@ def main():
     # GPT-2's score head has no bias): rewards of a known scale make the KL coefficient and value clip meaningful.
     with torch.no_grad():
         rows = [sum(encode_pair(tok, p, t, with_eos=e), []) for p, t, e in zip(prompts, texts, ended)]
-        ids, mask, pos = left_pad(rows, tok.pad_token_id)
+        ids, mask, pos = left_pad(rows)
         s = rm(input_ids=ids, attention_mask=mask, position_ids=pos).logits.squeeze(-1)
         rm.score.weight.mul_(1.0 / s.std().clamp(min=1e-6))
         s = rm(input_ids=ids, attention_mask=mask, position_ids=pos).logits.squeeze(-1)

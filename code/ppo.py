@@ -4,19 +4,24 @@
     python code/ppo.py --total_steps=50 --temperature=0.7
     python code/ppo.py --help                       # every constant below, with its comment
 
-One PPO step = 1 rollout (sample replies to a batch of prompts, with the actor's logprobs) · 2 truncate at EOS +
-masks · 3 reference logprobs, critic values · 4 reward-model scores · 5 per-token KL-penalised rewards · 6 GAE
-advantages · 7 PPO epochs of clipped policy + value updates over minibatches · 8 log, adapt the KL coefficient β,
-save samples.
+One PPO step (ppo_step) = 1 rollout (sample replies to a batch of prompts, with the actor's logprobs) · 2 truncate
+at EOS + masks · 3 reference logprobs, critic values · 4 reward-model scores · 5 per-token KL-penalised rewards ·
+6 GAE advantages · 7 PPO epochs of clipped policy + value updates over minibatches · 8 log, adapt the KL
+coefficient β. The file reads in that order: the config, the PPO core (math, the four roles, steps 1-8, evaluation),
+the loop (train), and below a divider the plumbing (run setup and resume, checkpoints and interrupts, reporting,
+command line, distributed helpers).
 
 Everything the run writes goes under OUTPUT_DIR, read in this order:
     ppo_metrics/summary.json          the run at a glance: before/after evaluation, health verdicts, timings
     ppo_metrics/training_curves.png   reward, KL against its target, β, losses, clipfrac, entropy, lengths
-    ppo_metrics/training_metrics.csv  one row per PPO step (TRL's metric names where TRL has one)
+    ppo_metrics/training_metrics.csv  one row per PPO step (TRL's metric names where TRL has one; METRICS below)
     ppo_metrics/config.json, samples.jsonl,  ppo_model/actor, ppo_model/critic,  checkpoints/ (resume)
-The design notes are ../shared/mission/seed-ppo.md; each detail cites its source in a comment.
+README.md explains the outputs, settings and errors; docs/ppo-implementation-details.md is the checklist that the
+comments cite as "implementation details #k"; tests/ holds the tests of each detail.
 """
+import contextlib
 import csv
+import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -40,7 +45,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # write PNGs without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-# ---- config (edit me, or override any constant as --name=value) ---------------------------------------------------
+# ---- config (edit me, or override any constant as --name=value) -----------------------------------------------------
 # models: the four roles
 ACTOR_MODEL = "data/models/demo-sft"     # Actor (policy, trained): SFT causal LM, local path or hub name
 REF_MODEL = ""                           # Reference (frozen SFT copy for the KL leash); "" = ACTOR_MODEL
@@ -119,124 +124,29 @@ RESUMABLE_CHANGES = {"TOTAL_STEPS", "RESUME", "SAVE_EVERY", "KEEP_CHECKPOINTS", 
                      "SAMPLE_EVERY", "OUTPUT_DIR", "SAVE_MODEL", "MAX_BAD_STEPS", "DEVICE"}
 
 
-# ---- command line: --name=value overrides, --help ------------------------------------------------------------------
-def config_comments():
-    """{NAME: comment} read from the config block above, so --help is the config block itself."""
-    out = {}
-    with open(os.path.abspath(__file__), encoding="utf-8") as f:
-        for line in f:
-            m = re.match(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.*)$", line)
-            if m and m.group(1) in CONFIG_KEYS:
-                out[m.group(1)] = m.group(2)
-    return out
+# ---- references: the shorthands the comments use --------------------------------------------------------------------
+# OAI         Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593, and its
+#             code, github.com/openai/lm-human-preferences
+# N           Huang et al. 2023, "The N Implementation Details of RLHF with PPO",
+#             huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo
+# N+          Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization",
+#             arXiv:2403.17031, and github.com/vwxyzjn/summarize_from_feedback_details
+# TRL-old     TRL <= 0.11 PPOTrainer (github.com/huggingface/trl, trl/trainer/ppo_trainer.py at v0.11.4)
+# TRL-new     TRL >= 0.12 PPOTrainer (formerly PPOv2Trainer, a port of the N+ loop; read at v0.20.0)
+# OpenRLHF    Hu et al. 2024, "OpenRLHF: An Easy-to-use, Scalable and High-performance RLHF Framework",
+#             arXiv:2405.11143, github.com/OpenRLHF/OpenRLHF
+# PPO-max     Zheng et al. 2023, "Secrets of RLHF in Large Language Models Part I: PPO", arXiv:2307.04964, and
+#             github.com/OpenLMLab/MOSS-RLHF
+# MOSS        the same MOSS-RLHF code
+# LLaMA-Factory  github.com/hiyouga/LLaMA-Factory (its PPO stage and Alpaca conversion)
+# Schulman    J. Schulman, "Approximating KL Divergence", joschu.net/blog/kl-approx.html; PPO: Schulman et al. 2017,
+#             "Proximal Policy Optimization Algorithms", arXiv:1707.06347; GAE: Schulman et al. 2015,
+#             "High-Dimensional Continuous Control Using Generalized Advantage Estimation", arXiv:1506.02438
+# implementation details #k   item k of docs/ppo-implementation-details.md, the checklist (with sources and tests)
+#             this file implements
 
 
-def parse_value(name, text, default):
-    """Parse `text` with the type of the constant's default value."""
-    if isinstance(default, bool):
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--{name.lower()}={text}: expected true or false")
-    try:
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"--{name.lower()}={text}: expected {type(default).__name__} like {default!r}") from None
-    return text
-
-
-def parse_overrides(argv, config):
-    """`--name=value` (case-insensitive names) -> {NAME: typed value}. Unknown names name their close matches."""
-    out = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"cannot read argument {arg!r}: overrides look like --total_steps=100 (see --help)")
-        name, text = arg[2:].split("=", 1)
-        key = name.upper().replace("-", "_")
-        if key not in config:
-            close = difflib.get_close_matches(key, list(config), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join('--' + c.lower() for c in close)}?" if close else "; see --help"
-            raise ConfigError(f"unknown setting --{name}{hint}")
-        out[key] = parse_value(key, text, config[key])
-    return out
-
-
-def print_help(config):
-    print(__doc__.split("\n\n")[0] + "\n\nSettings (--name=value; the default follows each name):")
-    comments = config_comments()
-    for k in CONFIG_KEYS:
-        print(f"  --{k.lower():<22} {config[k]!r:<28} {comments.get(k, '')}")
-
-
-def check_config(c):
-    """Derived values and the bounds every setting must respect; returns the rollout batch size."""
-    for k in ("MINI_BATCH_SIZE", "GRAD_ACCUM", "PPO_BUFFER_SIZE", "PPO_EPOCHS", "MAX_NEW_TOKENS", "MAX_PROMPT_TOKENS"):
-        if c[k] < 1:
-            raise ConfigError(f"{k} = {c[k]} must be a positive integer")
-    for k in ("TOTAL_STEPS", "EVAL_EVERY", "SAMPLE_EVERY", "EVAL_SIZE", "SAVE_EVERY"):
-        if c[k] < 0:
-            raise ConfigError(f"{k} = {c[k]} must be >= 0")
-    if c["KEEP_CHECKPOINTS"] < 1 or c["MAX_BAD_STEPS"] < 1:
-        raise ConfigError("KEEP_CHECKPOINTS and MAX_BAD_STEPS must be >= 1")
-    for k in ("PPO_TARGET", "TEMPERATURE", "KL_HORIZON", "LEARNING_RATE"):
-        if not c[k] > 0:
-            raise ConfigError(f"{k} = {c[k]} must be > 0")
-    for k in ("INIT_KL_COEF", "CLIP_RANGE", "CLIP_RANGE_VALUE", "VF_COEF", "MAX_GRAD_NORM", "SCORE_CLIP",
-              "MISSING_EOS_PENALTY", "WEIGHT_DECAY"):
-        if c[k] < 0:
-            raise ConfigError(f"{k} = {c[k]} must be >= 0")
-    if c["KL_ESTIMATOR"] not in ("k1", "k3"):
-        raise ConfigError(f"KL_ESTIMATOR = {c['KL_ESTIMATOR']!r} must be 'k1' or 'k3'")
-    if not 0 <= c["LAM"] <= 1 or not 0 <= c["GAMMA"] <= 1:
-        raise ConfigError("GAMMA and LAM must lie in [0, 1]")
-    if c["DTYPE"] not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"DTYPE = {c['DTYPE']!r} must be auto, float32, bfloat16 or float16")
-    return c["MINI_BATCH_SIZE"] * c["GRAD_ACCUM"] * c["PPO_BUFFER_SIZE"]
-
-
-# ---- distributed: under torchrun every reduction spans all ranks; in one process each is the identity ------------------
-def dist_on():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def world_size():
-    return torch.distributed.get_world_size() if dist_on() else 1
-
-
-def all_reduce_sum(t):
-    if dist_on():
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def all_mean(values):
-    """{name: float} averaged over ranks, so every rank logs (and acts on) the same numbers."""
-    if not dist_on():
-        return values
-    keys = list(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    t = all_reduce_sum(t.to(DIST_DEVICE)) / torch.distributed.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-def all_gather_list(items):
-    """Concatenate a Python list across ranks, in rank order."""
-    if not dist_on():
-        return items
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, items)
-    return [x for part in out for x in part]
-
-
-DIST_DEVICE = torch.device("cpu")  # where collectives run: the rank's GPU under NCCL, set in train()
-
-
-# ---- math: masked statistics, KL, rewards, GAE, losses, KL controller (pure functions, tested alone) -----------------
+# ---- PPO math: masked statistics, KL, rewards, GAE, losses, KL controller (pure functions, tested alone) ------------
 def masked_mean(x, mask, dim=None):
     """Mean of x over positions where mask is true (along dim, or over everything); NaN in masked slots is ignored."""
     total = torch.where(mask, x, 0.0).sum() if dim is None else torch.where(mask, x, 0.0).sum(dim)
@@ -246,15 +156,17 @@ def masked_mean(x, mask, dim=None):
 
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     """(x - mean) / std over masked positions (biased variance, as OAI and N+); masked slots become 0.
-    Under torchrun the moments span the whole rollout batch of all ranks."""
-    x = torch.where(mask, x, 0.0)
-    moments = all_reduce_sum(torch.stack([x.sum(), (x * x).sum(), mask.sum().to(x.dtype)]).double())
-    mean = (moments[0] / moments[2]).to(x.dtype)
-    var = (moments[1] / moments[2] - (moments[0] / moments[2]) ** 2).clamp(min=0).to(x.dtype)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    Under torchrun the moments span the whole rollout batch of all ranks. The sums are taken in float64 from the
+    start (float32 sums of x² lose the variance when |mean| >> std); MPS has no float64 and keeps float32."""
+    wide = torch.float32 if x.device.type == "mps" else torch.float64
+    x64 = torch.where(mask, x, 0.0).to(wide)
+    moments = all_reduce_sum(torch.stack([x64.sum(), (x64 * x64).sum(), mask.sum().to(wide)]))
+    mean = moments[0] / moments[2]
+    var = (moments[1] / moments[2] - mean ** 2).clamp(min=0)
+    out = (x64 - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return torch.where(mask, out, 0.0)
+    return torch.where(mask, out.to(x.dtype), 0.0)
 
 
 def kl_per_token(logprobs, ref_logprobs, estimator="k1"):
@@ -398,7 +310,73 @@ def repetition_rate(tokens):
     return 1.0 - len(set(tri)) / len(tri) if tri else 0.0
 
 
-# ---- models: loading the four roles; logprobs, values and scores ----------------------------------------------------
+# ---- the four roles: loading them; logprobs, values and scores ------------------------------------------------------
+@dataclasses.dataclass
+class Roles:
+    """The four roles of PPO-RLHF, ready to run: Actor (trained), Reference (frozen), Reward model (frozen, behind
+    its scorer), Critic (trained), with the actor's tokenizer and stop tokens. The run adds what trains them: the
+    modules the training forward calls (DDP/FSDP-wrapped under torchrun), their parameters and the optimizer."""
+    tok: object
+    stop_ids: list
+    actor: torch.nn.Module
+    ref: torch.nn.Module
+    scorer: object
+    critic: torch.nn.Module
+    critic_path: str
+    notes: list
+    device: torch.device
+    dtype: torch.dtype
+    actor_train: torch.nn.Module = None
+    critic_train: torch.nn.Module = None
+    params: list = None
+    optimizer: torch.optim.Optimizer = None
+    fsdp: bool = False
+
+
+def load_roles(c, device, dtype):
+    """The four roles: Actor (trained), Reference (frozen), Reward (frozen), Critic (trained), as Roles.
+    Mixed precision as OpenRLHF/DeepSpeed do it: the trained
+    models hold fp32 weights (an update of lr 1e-6 vanishes in bf16 weights) and compute in `dtype` under autocast;
+    the frozen models are stored in `dtype`."""
+    ref_path = c["REF_MODEL"] or c["ACTOR_MODEL"]
+    frozen_device = torch.device("cpu") if c["OFFLOAD_FROZEN"] else device
+    tok, notes = load_tokenizer(c["ACTOR_MODEL"], "ACTOR_MODEL")
+    rm_tok, rm_notes = load_tokenizer(c["REWARD_MODEL"], "REWARD_MODEL")
+    fp32 = torch.float32  # trained models keep fp32 master weights; DTYPE is their compute dtype (autocast)
+    actor = load_model("causal", c["ACTOR_MODEL"], "ACTOR_MODEL", device, fp32)
+    check_tokenizer_fits(tok, actor, c["ACTOR_MODEL"], "ACTOR_MODEL")
+    ref = freeze(load_model("causal", ref_path, "REF_MODEL", frozen_device, dtype))
+    rm = freeze(load_model("reward", c["REWARD_MODEL"], "REWARD_MODEL", frozen_device, dtype, label=c["REWARD_LABEL"]))
+    check_tokenizer_fits(rm_tok, rm.model, c["REWARD_MODEL"], "REWARD_MODEL")
+    scorer = RewardScorer(rm, rm_tok, tok, device)
+    notes += rm_notes
+    if not scorer.same_tokenizer and scorer.max_len and scorer.max_len < c["MAX_PROMPT_TOKENS"] + c["MAX_NEW_TOKENS"]:
+        notes.append(f"the reward model reads at most {scorer.max_len} of its tokens: a longer conversation keeps its "
+                     f"last {scorer.max_len} (a decoder) or is truncated by its tokenizer (an encoder)")
+    if c["CRITIC_MODEL"]:  # an explicit critic must read the actor's tokens
+        critic_tok, _ = load_tokenizer(c["CRITIC_MODEL"], "CRITIC_MODEL")
+        if critic_tok.get_vocab() != tok.get_vocab():
+            raise ConfigError(f"CRITIC_MODEL {c['CRITIC_MODEL']!r} uses a different tokenizer from the actor; the critic "
+                              f"values the actor's tokens, so give a value model with the actor's tokenizer, or "
+                              f"--critic_model= for the default")
+        critic_path, critic = c["CRITIC_MODEL"], load_model("score", c["CRITIC_MODEL"], "CRITIC_MODEL", device, fp32)
+    elif scorer.same_tokenizer and rm.model.config.num_labels == 1:  # default: a trained copy of the RM (N+, OpenRLHF)
+        critic_path, critic = c["REWARD_MODEL"], load_model("score", c["REWARD_MODEL"], "CRITIC_MODEL", device, fp32)
+    else:  # the RM gives no value per actor token: the actor's weights with a fresh, zero value head (OAI)
+        critic_path = c["ACTOR_MODEL"]
+        critic = load_model("score", c["ACTOR_MODEL"], "CRITIC_MODEL", device, fp32, fresh_value_head=True)
+        why = ("the reward model is an encoder classifier, read through its own tokenizer and pooling" if rm.own_pooling
+               else "the reward model's tokenizer differs from the actor's: replies are re-tokenised for it"
+               if not scorer.same_tokenizer else "the reward model has several outputs")
+        notes.append(f"{why}; the critic is the actor's weights with a new zero-initialised value head")
+    critic.model.config.pad_token_id = tok.pad_token_id
+    if c["GRADIENT_CHECKPOINTING"]:
+        for m in (actor, critic.model):
+            m.activation_checkpointing_enable({"use_reentrant": False})
+    return Roles(tok, stop_token_ids(tok, actor, c["STOP_TOKENS"]), actor, ref, scorer, critic, critic_path, notes,
+                 device, dtype)
+
+
 def pick_device(name):
     if name == "auto":
         if torch.cuda.is_available():
@@ -704,58 +682,6 @@ def critic_values(critic, query_responses, attention_mask, context_length):
     return critic(query_responses, attention_mask, slice(context_length - 1, -1))
 
 
-def left_pad(rows, pad_id, device):
-    """Id lists -> left-padded (ids, attention_mask): every prompt ends at the same column, replies start after it."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = True
-    return ids.to(device), mask.to(device)
-
-
-@torch.no_grad()
-def sample_responses(model, queries, query_mask, max_new_tokens, temperature, stop_ids, pad_id, sync_stop=False):
-    """Exact on-policy sampling with a KV cache: softmax(logits / T), no top-k, top-p or repetition penalty, so the
-    behaviour policy is the π in the ratio and the KL (implementation details #3). Rows that have emitted a stop
-    token (EOS) get PAD afterwards; the loop stops when every row has (with sync_stop, every row of every rank: a
-    sharded FSDP model needs all ranks in each forward). Returns [B, ≤ max_new_tokens] token ids and the log π(token)
-    of each, in fp32 from the temperature-scaled logits: the rollout's old logprobs (implementation details #6)."""
-    mask = query_mask.long()
-    positions = position_ids_of(mask)
-    out = model(input_ids=model_inputs(queries, mask), attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
-    done = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
-    stop_ids = torch.as_tensor(stop_ids, device=queries.device)
-    tokens, logprobs = [], []
-    positions = positions[:, -1:]
-    for _ in range(max_new_tokens):
-        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, -1)
-        # inverse-CDF draw, as numpy's Generator.choice: the CDF normalised so its last entry is exactly 1, one
-        # uniform per row, the first entry above it. Same distribution as torch.multinomial, which draws an
-        # exponential per vocabulary entry (measured: 30 vs 210 µs per token for 16 rows x 783 entries on CPU).
-        cdf = logp.exp().cumsum(-1)
-        u = torch.rand(len(cdf), 1, device=cdf.device)
-        nxt = torch.searchsorted(cdf / cdf[:, -1:], u, right=True).squeeze(1)
-        logprobs.append(logp.gather(1, nxt[:, None]).squeeze(1))
-        nxt = torch.where(done, pad_id, nxt)
-        tokens.append(nxt)
-        mask = torch.cat([mask, (~done).long()[:, None]], 1)
-        done |= is_stop(nxt, stop_ids)
-        if len(tokens) == max_new_tokens:
-            break
-        if sync_stop:
-            if all_reduce_sum((~done).sum().reshape(1)).item() == 0:
-                break
-        elif done.all():
-            break
-        positions = positions + 1
-        out = model(input_ids=model_inputs(nxt[:, None], mask[:, -1:]), attention_mask=mask, position_ids=positions,
-                    cache=out.cache, use_cache=True)
-    return torch.stack(tokens, 1), torch.stack(logprobs, 1)
-
-
 class RewardScorer:
     """Scores prompt + reply with the frozen reward model (implementation details #10), one of three ways:
     - a decoder RM with the actor's tokenizer: the actor's ids as they are, read at the last real token;
@@ -832,7 +758,7 @@ def load_gold(path):
     return score
 
 
-# ---- data: prompt file -> prompts -------------------------------------------------------------------------------------
+# ---- data: prompt file -> prompts -----------------------------------------------------------------------------------
 def read_records(path, what):
     """Alpaca records from a JSON list or JSONL file; each needs 'instruction' ('input' optional, 'output' unused)."""
     if not os.path.isfile(path):
@@ -912,7 +838,59 @@ def load_prompts(path, tok, max_tokens, what, log=print, why=None):
     return out
 
 
-# ---- rollout: steps 1-6 of a PPO step ----------------------------------------------------------------------------------
+# ---- rollout: steps 1-6 of a PPO step -------------------------------------------------------------------------------
+def left_pad(rows, pad_id, device):
+    """Id lists -> left-padded (ids, attention_mask): every prompt ends at the same column, replies start after it."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = True
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample_responses(model, queries, query_mask, max_new_tokens, temperature, stop_ids, pad_id, sync_stop=False):
+    """Exact on-policy sampling with a KV cache: softmax(logits / T), no top-k, top-p or repetition penalty, so the
+    behaviour policy is the π in the ratio and the KL (implementation details #3). Rows that have emitted a stop
+    token (EOS) get PAD afterwards; the loop stops when every row has (with sync_stop, every row of every rank: a
+    sharded FSDP model needs all ranks in each forward). Returns [B, ≤ max_new_tokens] token ids and the log π(token)
+    of each, in fp32 from the temperature-scaled logits: the rollout's old logprobs (implementation details #6)."""
+    mask = query_mask.long()
+    positions = position_ids_of(mask)
+    out = model(input_ids=model_inputs(queries, mask), attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    done = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    stop_ids = torch.as_tensor(stop_ids, device=queries.device)
+    tokens, logprobs = [], []
+    positions = positions[:, -1:]
+    for _ in range(max_new_tokens):
+        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, -1)
+        # inverse-CDF draw, as numpy's Generator.choice: the CDF normalised so its last entry is exactly 1, one
+        # uniform per row, the first entry above it. Same distribution as torch.multinomial, which draws an
+        # exponential per vocabulary entry (measured: 30 vs 210 µs per token for 16 rows x 783 entries on CPU).
+        cdf = logp.exp().cumsum(-1)
+        u = torch.rand(len(cdf), 1, device=cdf.device)
+        nxt = torch.searchsorted(cdf / cdf[:, -1:], u, right=True).squeeze(1)
+        logprobs.append(logp.gather(1, nxt[:, None]).squeeze(1))
+        nxt = torch.where(done, pad_id, nxt)
+        tokens.append(nxt)
+        mask = torch.cat([mask, (~done).long()[:, None]], 1)
+        done |= is_stop(nxt, stop_ids)
+        if len(tokens) == max_new_tokens:
+            break
+        if sync_stop:
+            if all_reduce_sum((~done).sum().reshape(1)).item() == 0:
+                break
+        elif done.all():
+            break
+        positions = positions + 1
+        out = model(input_ids=model_inputs(nxt[:, None], mask[:, -1:]), attention_mask=mask, position_ids=positions,
+                    cache=out.cache, use_cache=True)
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1)
+
+
 def rollout(actor, ref, critic, scorer, tok, stop_ids, prompts, c, device, beta, score_moments=None, sync_stop=False):
     """Steps 1-6 for this rank's share of a rollout batch; a reply ends at any of stop_ids. Returns a dict of [B, T]
     tensors (names as in N+/TRL) and per-reply info."""
@@ -965,7 +943,7 @@ def rollout(actor, ref, critic, scorer, tok, stop_ids, prompts, c, device, beta,
     }
 
 
-# ---- PPO update: step 7 ------------------------------------------------------------------------------------------------
+# ---- PPO update: step 7 ---------------------------------------------------------------------------------------------
 def trim_padding(query_responses, attention_mask, context_length, mask):
     """A micro-batch without the columns that are padding in all of its rows: left of its longest prompt and right of
     its longest reply. Masked columns change nothing but the work (positions come from the attention mask), and a
@@ -977,59 +955,131 @@ def trim_padding(query_responses, attention_mask, context_length, mask):
     return query_responses[:, first:end], attention_mask[:, first:end], context_length - first, T
 
 
+def gradient_sync(modules, sync):
+    """A context for one micro-batch's forward and backward: with gradient accumulation only the last micro-batch
+    of an optimizer step needs the gradient all-reduce (DDP's no_sync on the others; FSDP2's
+    set_requires_gradient_sync). Outside torchrun it does nothing."""
+    stack = contextlib.ExitStack()
+    for m in modules:
+        if isinstance(m, torch.nn.parallel.DistributedDataParallel) and not sync:
+            stack.enter_context(m.no_sync())
+        elif hasattr(m, "set_requires_gradient_sync"):  # FSDP2 (fully_shard)
+            m.set_requires_gradient_sync(sync)
+    return stack
+
+
 UPDATE_STATS = ("policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg", "loss/value_avg",
                 "val/clipfrac_avg", "val/ratio")
 
 
-def ppo_update(actor, critic, optimizer, params, batch, c):
-    """PPO_EPOCHS passes over freshly shuffled minibatches of the rollout; one optimizer step per minibatch of
-    MINI_BATCH_SIZE·GRAD_ACCUM sequences (GRAD_ACCUM micro-batches, shared out over the ranks under torchrun).
-    Losses are token means per micro-batch, averaged over the micro-batches of a step (N+, TRL); DDP/FSDP average
-    the gradients over ranks. actor and critic are what the training forward runs (DDP/FSDP-wrapped or plain);
+def ppo_update(actor, critic, optimizer, params, batch, c, sizes=None):
+    """Step 7: PPO_EPOCHS passes over freshly shuffled minibatches of the rollout; one optimizer step per minibatch
+    of MINI_BATCH_SIZE·GRAD_ACCUM sequences (sizes.accum micro-batches on each rank under torchrun). Losses are token
+    means per micro-batch, averaged over the micro-batches of a step (N+, TRL); DDP/FSDP average the gradients over
+    ranks, once per optimizer step. actor and critic are what the training forward runs (DDP/FSDP-wrapped or plain);
     train() mode only matters for gradient checkpointing, as every dropout is 0. Returns every micro-batch's stats."""
-    B, ctx = len(batch["responses"]), batch["context_length"]
-    grad_accum = c["GRAD_ACCUM"] // world_size()
-    mb, per_step = c["MINI_BATCH_SIZE"], c["MINI_BATCH_SIZE"] * grad_accum
+    sizes = sizes or batch_sizes(c, world_size())
+    B, ctx, mb, accum = len(batch["responses"]), batch["context_length"], sizes.micro, sizes.accum
     actor.train(), critic.train()
     stats, steps = [], []
     for _ in range(c["PPO_EPOCHS"]):
         order = torch.randperm(B)
-        for start in range(0, B, per_step):
-            for micro in range(start, start + per_step, mb):
-                idx = order[micro:micro + mb].to(batch["responses"].device)
-                mb_ids, mb_attn, mb_ctx, T = trim_padding(batch["query_responses"][idx], batch["attention_mask"][idx],
-                                                          ctx, batch["mask"][idx])
-                m = batch["mask"][idx, :T]
-                new_logprobs, entropy = response_logprobs(actor, mb_ids, mb_attn, mb_ctx, c["TEMPERATURE"],
-                                                          with_entropy=True)
-                new_values = critic_values(critic, mb_ids, mb_attn, mb_ctx)
-                pg_loss, pg = policy_loss(new_logprobs, batch["logprobs"][idx, :T], batch["advantages"][idx, :T], m,
-                                          c["CLIP_RANGE"])
-                vf_loss, vf_clipfrac = value_loss(new_values, batch["values"][idx, :T], batch["returns"][idx, :T], m,
-                                                  c["CLIP_RANGE_VALUE"])
-                loss = (pg_loss + c["VF_COEF"] * vf_loss) / grad_accum
-                loss.backward()
-                stats.append(torch.stack([pg["approxkl"], pg["clipfrac"], masked_mean(entropy, m), pg_loss.detach(),
-                                          vf_loss.detach(), vf_clipfrac, pg["ratio"]]))
-            total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            grad_norm = getattr(total_norm, "full_tensor", lambda: total_norm)().item()  # FSDP: a DTensor
-            skipped = not math.isfinite(grad_norm)  # a NaN/Inf loss or gradient: skip this update, keep the weights
-            if not skipped:
-                # = clip_grad_norm_, which scales by min(max / (norm + 1e-6), 1): skip the pass when that is 1
-                if c["MAX_GRAD_NORM"] and grad_norm + 1e-6 > c["MAX_GRAD_NORM"]:
-                    torch.nn.utils.clip_grads_with_norm_(params, c["MAX_GRAD_NORM"], total_norm)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps.append({"policy/grad_norm": grad_norm, "train/skipped_frac": float(skipped)})
+        for start in range(0, B, mb * accum):
+            for k in range(accum):
+                idx = order[start + k * mb:start + (k + 1) * mb].to(batch["responses"].device)
+                with gradient_sync((actor, critic), sync=k == accum - 1):
+                    stats.append(micro_batch_backward(actor, critic, batch, idx, ctx, c, accum))
+            steps.append(optimizer_step(optimizer, params, c["MAX_GRAD_NORM"]))
     actor.eval(), critic.eval()
     # one device-to-host copy for all micro-batch statistics (an .item() each would wait for the GPU every time)
     stats = [dict(zip(UPDATE_STATS, row)) for row in torch.stack(stats).float().tolist()]
     for i, extra in enumerate(steps):  # the optimizer step's numbers go with its last micro-batch
-        stats[(i + 1) * grad_accum - 1].update(extra)
+        stats[(i + 1) * accum - 1].update(extra)
     return stats
 
 
-# ---- evaluation ----------------------------------------------------------------------------------------------------
+def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum):
+    """Forward and backward of one micro-batch (rows idx of the rollout): the clipped policy loss plus VF_COEF times
+    the clipped value loss, divided by the micro-batches of the optimizer step. Returns its statistics (a tensor)."""
+    mb_ids, mb_attn, mb_ctx, T = trim_padding(batch["query_responses"][idx], batch["attention_mask"][idx], ctx,
+                                              batch["mask"][idx])
+    m = batch["mask"][idx, :T]
+    new_logprobs, entropy = response_logprobs(actor, mb_ids, mb_attn, mb_ctx, c["TEMPERATURE"], with_entropy=True)
+    new_values = critic_values(critic, mb_ids, mb_attn, mb_ctx)
+    pg_loss, pg = policy_loss(new_logprobs, batch["logprobs"][idx, :T], batch["advantages"][idx, :T], m,
+                              c["CLIP_RANGE"])
+    vf_loss, vf_clipfrac = value_loss(new_values, batch["values"][idx, :T], batch["returns"][idx, :T], m,
+                                      c["CLIP_RANGE_VALUE"])
+    ((pg_loss + c["VF_COEF"] * vf_loss) / accum).backward()
+    return torch.stack([pg["approxkl"], pg["clipfrac"], masked_mean(entropy, m), pg_loss.detach(), vf_loss.detach(),
+                        vf_clipfrac, pg["ratio"]])
+
+
+def optimizer_step(optimizer, params, max_grad_norm):
+    """One AdamW step on the accumulated gradients of actor and critic, clipped to max_grad_norm jointly; skipped
+    (weights kept) when the gradient is not finite. Returns its grad norm and whether it was skipped."""
+    total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    grad_norm = getattr(total_norm, "full_tensor", lambda: total_norm)().item()  # FSDP: a DTensor
+    skipped = not math.isfinite(grad_norm)  # a NaN/Inf loss or gradient: skip this update, keep the weights
+    if not skipped:
+        # = clip_grad_norm_, which scales by min(max / (norm + 1e-6), 1): skip the pass when that is 1
+        if max_grad_norm and grad_norm + 1e-6 > max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"policy/grad_norm": grad_norm, "train/skipped_frac": float(skipped)}
+
+
+# ---- one PPO step: steps 1-8 on this rank's prompts, and its metrics row --------------------------------------------
+def ppo_step(roles, prompts, beta, c, sizes, score_moments=None, gold=None):
+    """One whole PPO step: the rollout and its advantages (steps 1-6), the clipped updates (step 7), and the step's
+    metrics row (step 8; β is adapted by the loop from row["objective/kl"]). Returns (row, rollout batch)."""
+    with autocast(roles.device, roles.dtype):
+        batch = rollout(roles.actor, roles.ref, roles.critic, roles.scorer, roles.tok, roles.stop_ids, prompts, c,
+                        roles.device, beta, score_moments, roles.fsdp)
+    # step 7 on every rank, or on none: a batch with a non-finite score anywhere is not trained on
+    t0 = time.perf_counter()
+    scores_ok = all_reduce_sum(torch.isfinite(batch["scores"]).all().logical_not().float()).item() == 0
+    if scores_ok:
+        with autocast(roles.device, roles.dtype):
+            mb_stats = ppo_update(roles.actor_train, roles.critic_train, roles.optimizer, roles.params, batch, c, sizes)
+    else:
+        mb_stats = [dict({k: float("nan") for k in UPDATE_STATS}, **{"policy/grad_norm": float("nan"),
+                                                                       "train/skipped_frac": 1.0})]
+    row = step_metrics(batch, mb_stats, beta, gold, prompts, roles.optimizer, time.perf_counter() - t0)
+    row["train/bad_scores"] = float(not scores_ok)
+    return row, batch
+
+
+def step_metrics(batch, mb_stats, beta, gold, batch_prompts, optimizer, t_train):
+    """The step's numbers (TRL's names where TRL has one; each declared in METRICS), averaged over all micro-batches
+    of the step and over ranks. The loop adds step, episodes, evaluation and timing columns."""
+    mask, returns, values = batch["mask"], batch["returns"], batch["values"]
+    var_returns = torch.var(returns[mask], unbiased=False)
+    resp_tokens = [r[m].tolist() for r, m in zip(batch["responses"].cpu(), mask.cpu())]
+    row = {
+        "objective/scores": batch["scores"].mean().item(),
+        "objective/rlhf_reward": (batch["scores"] + batch["non_score_reward"].sum(1)).mean().item(),
+        "objective/non_score_reward": batch["non_score_reward"].sum(1).mean().item(),
+        "objective/kl": batch["kl"].sum(1).mean().item(),
+        "objective/entropy": (-torch.where(mask, batch["logprobs"], 0.0).sum(1)).mean().item(),
+        "objective/gold_scores": float(np.mean(gold([p[1] for p in batch_prompts], batch["replies"])))
+        if gold else float("nan"),
+        **{k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in mb_stats[-1]},
+        "val/explained_var": (1 - torch.var((returns - values)[mask], unbiased=False) / var_returns).item()
+        if var_returns > 0 else float("nan"),
+        "val/mean_value": masked_mean(values, mask).item(),
+        "resp/length_mean": mask.sum(1).float().mean().item(),
+        "resp/eos_frac": batch["ended"].float().mean().item(),
+        "resp/repetition": float(np.mean([repetition_rate(t) for t in resp_tokens])),
+        "time/generate_s": batch["time_generate"], "time/score_s": batch["time_score"], "time/train_s": t_train,
+        "time/tokens_per_s": mask.sum().item() * world_size()
+        / (batch["time_generate"] + batch["time_score"] + t_train),
+    }
+    return dict(all_mean(row), **{"objective/kl_coef": beta, "lr": optimizer.param_groups[0]["lr"]})
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------------
 def evaluate(actor, ref, scorer, tok, stop_ids, prompts, c, device, gold, seed, sync_stop=False):
     """Held-out evaluation at a fixed seed (RNG state restored afterwards, so it does not change the run):
     mean RM score, KL to the reference (nats per reply), gold score, reply length, EOS rate, and the replies.
@@ -1065,7 +1115,611 @@ def evaluate(actor, ref, scorer, tok, stop_ids, prompts, c, device, gold, seed, 
     return res, out
 
 
-# ---- reporting: CSV rows, curves, summary with health verdicts --------------------------------------------------------
+# ---- the loop -------------------------------------------------------------------------------------------------------
+def train(c):
+    """The whole run for the resolved config `c` ({NAME: value}); returns the summary dict (rank 0) or None."""
+    run = Run(c)  # processes, batch sizes, the four roles, prompts, resume or the first evaluation (plumbing, below)
+    if run.state.step >= c["TOTAL_STEPS"]:  # resumed a finished run: nothing to do, nothing written
+        return None
+    with run:  # writes into OUTPUT_DIR; on every way out the CSV is closed and the signal handlers restored
+        for step in run.steps():
+            prompts = run.next_prompts()  # this rank's share of the next rollout batch, from a fresh shuffle each pass
+            beta = run.kl_ctl.value
+            row, batch = ppo_step(run.roles, prompts, beta, c, run.sizes, run.score_moments, run.gold)
+            if math.isfinite(row["objective/kl"]):  # step 8: β from this batch's mean KL per reply, all ranks (OAI)
+                run.kl_ctl.update(row["objective/kl"], run.sizes.rollout)
+            run.record(step, row, batch, prompts)  # evaluation when due, CSV row, samples; stops after bad steps
+            if run.checkpoint_or_stop(step):  # checkpoint when due; True after Ctrl-C / SIGTERM
+                break
+    return run.finish()  # evaluation after training, saved models, summary.json
+
+
+# =======================================================================================================================
+# PLUMBING: what a run needs around the algorithm. Nothing below changes what PPO computes.
+# =======================================================================================================================
+
+
+# ---- batch sizes and config checks ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BatchSizes:
+    """The batch sizes of a run, derived once from the config and the number of processes (LLaMA-Factory's scheme)."""
+    rollout: int   # prompts per PPO step, all processes: MINI_BATCH_SIZE × GRAD_ACCUM × PPO_BUFFER_SIZE
+    per_rank: int  # prompts per PPO step on each process
+    micro: int     # sequences per forward/backward: MINI_BATCH_SIZE
+    accum: int     # micro-batches per optimizer step on each process: GRAD_ACCUM / processes
+    world: int     # processes
+
+    def describe(self):
+        return (f"rollout batch {self.rollout} prompts per PPO step ({self.per_rank} per process); each epoch "
+                f"{self.rollout // (self.micro * self.accum * self.world)} optimizer steps of "
+                f"{self.micro * self.accum * self.world} sequences, {self.accum} micro-batches of {self.micro} "
+                f"per process")
+
+
+def batch_sizes(c, world):
+    """BatchSizes for `world` processes, checked in one place: every division exact, one message each."""
+    if c["GRAD_ACCUM"] % world:
+        raise ConfigError(f"GRAD_ACCUM = {c['GRAD_ACCUM']} does not divide by the {world} processes: set "
+                          f"--grad_accum to a multiple of {world} (the rollout batch, MINI_BATCH_SIZE x GRAD_ACCUM x "
+                          f"PPO_BUFFER_SIZE, is shared out over the processes)")
+    rollout = c["MINI_BATCH_SIZE"] * c["GRAD_ACCUM"] * c["PPO_BUFFER_SIZE"]
+    return BatchSizes(rollout=rollout, per_rank=rollout // world, micro=c["MINI_BATCH_SIZE"],
+                      accum=c["GRAD_ACCUM"] // world, world=world)
+
+
+def check_config(c):
+    """The bounds every setting must respect (batch sizes are derived and checked in batch_sizes)."""
+    for k in ("MINI_BATCH_SIZE", "GRAD_ACCUM", "PPO_BUFFER_SIZE", "PPO_EPOCHS", "MAX_NEW_TOKENS", "MAX_PROMPT_TOKENS"):
+        if c[k] < 1:
+            raise ConfigError(f"{k} = {c[k]} must be a positive integer")
+    for k in ("TOTAL_STEPS", "EVAL_EVERY", "SAMPLE_EVERY", "EVAL_SIZE", "SAVE_EVERY"):
+        if c[k] < 0:
+            raise ConfigError(f"{k} = {c[k]} must be >= 0")
+    if c["KEEP_CHECKPOINTS"] < 1 or c["MAX_BAD_STEPS"] < 1:
+        raise ConfigError("KEEP_CHECKPOINTS and MAX_BAD_STEPS must be >= 1")
+    for k in ("PPO_TARGET", "TEMPERATURE", "KL_HORIZON", "LEARNING_RATE"):
+        if not c[k] > 0:
+            raise ConfigError(f"{k} = {c[k]} must be > 0")
+    for k in ("INIT_KL_COEF", "CLIP_RANGE", "CLIP_RANGE_VALUE", "VF_COEF", "MAX_GRAD_NORM", "SCORE_CLIP",
+              "MISSING_EOS_PENALTY", "WEIGHT_DECAY"):
+        if c[k] < 0:
+            raise ConfigError(f"{k} = {c[k]} must be >= 0")
+    if c["KL_ESTIMATOR"] not in ("k1", "k3"):
+        raise ConfigError(f"KL_ESTIMATOR = {c['KL_ESTIMATOR']!r} must be 'k1' or 'k3'")
+    if not 0 <= c["LAM"] <= 1 or not 0 <= c["GAMMA"] <= 1:
+        raise ConfigError("GAMMA and LAM must lie in [0, 1]")
+    if c["DTYPE"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"DTYPE = {c['DTYPE']!r} must be auto, float32, bfloat16 or float16")
+
+
+# ---- run setup and resume -------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunState:
+    """What a run changes as it goes: all a checkpoint needs besides models, optimizer and RNG states."""
+    config: dict
+    kl_coef: float
+    step: int = 0
+    order: list = dataclasses.field(default_factory=list)  # this pass's prompt order ...
+    cursor: int = 0                                        # ... and the position in it
+    rows: list = dataclasses.field(default_factory=list)   # the CSV rows so far
+    eval_points: list = dataclasses.field(default_factory=list)
+    eval_before: dict = None
+    detail_before: dict = None
+    score_moments: dict = None
+    bad_streak: int = 0                                    # steps in a row with non-finite numbers
+    timing: dict = dataclasses.field(default_factory=lambda: {"generate": 0.0, "score": 0.0, "train": 0.0,
+                                                              "eval": 0.0})
+    wall_s: float = 0.0                                    # earlier sessions of this run + this one
+
+
+class Run:
+    """A run's plumbing around the loop in train(): setting up (processes, batch sizes, the four roles, prompts,
+    resume or the first evaluation: nothing is written yet, so a bad input leaves earlier outputs intact), writing
+    (`with run:` opens the CSV and installs the Ctrl-C / SIGTERM handler; leaving it closes and restores both, on
+    every exit path), recording each step, checkpoints, and the end of the run."""
+
+    def __init__(self, c):
+        check_config(c)
+        self.c = c
+        self.rank, world, self.device = setup_distributed(c)
+        self.sizes = batch_sizes(c, world)
+        self.master = self.rank == 0  # only rank 0 prints, shows the bar and writes files
+        self.log = print if self.master else (lambda *a, **k: None)
+        self.dtype = pick_dtype(c["DTYPE"], self.device)
+        self.metrics_dir, self.model_dir, self.ckpt_dir = (os.path.join(c["OUTPUT_DIR"], d) for d in
+                                                           ("ppo_metrics", "ppo_model", "checkpoints"))
+        check_writable(c["OUTPUT_DIR"], self.metrics_dir, self.rank)
+        random.seed(c["SEED"]), np.random.seed(c["SEED"]), torch.manual_seed(c["SEED"])
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+        self.roles = roles = load_roles(c, self.device, self.dtype)
+        roles.actor_train, roles.critic_train = wrap_for_training(roles.actor, roles.critic, c, self.device)
+        roles.fsdp = dist_on() and c["DISTRIBUTED"] == "fsdp"
+        roles.params = list(roles.actor_train.parameters()) + list(roles.critic_train.parameters())
+        # one AdamW over actor and critic, as N+ and TRL-new (PolicyAndValueWrapper): one step, one gradient clip;
+        # fused: one kernel for all parameters instead of a loop over tensors (4x faster on the demo's CPU step)
+        roles.optimizer = torch.optim.AdamW(roles.params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"],
+                                            weight_decay=c["WEIGHT_DECAY"],
+                                            fused=self.device.type in ("cpu", "cuda") and not roles.fsdp)
+        self.kl_ctl = AdaptiveKLController(c["INIT_KL_COEF"], c["PPO_TARGET"], c["KL_HORIZON"], c["ADAPTIVE_KL"])
+        self.score_moments = RunningMoments() if c["SCORE_NORM"] else None
+        self.gold = load_gold(c["GOLD_REWARD"]) if c["GOLD_REWARD"] else None
+        self.load_data()
+        self.describe()
+        self.state = RunState(config={k: c[k] for k in CONFIG_KEYS}, kl_coef=self.kl_ctl.value)
+        self.t_session = time.perf_counter()
+        self.prompt_rng = torch.Generator().manual_seed(c["SEED"])  # the same prompt order on every rank
+        self.resume_path, self.move_aside = choose_checkpoint(c, self.ckpt_dir, self.log)
+        if self.resume_path:
+            self.resume()
+        else:
+            torch.manual_seed(c["SEED"] + self.rank)  # each rank samples its own replies
+            if self.eval_prompts:  # before anything is written: a failing gold file leaves earlier outputs intact
+                self.state.eval_before, self.state.detail_before = self.evaluate(0)
+                self.state.eval_points.append(self.state.eval_before)
+                self.log("eval before:", json.dumps({k: round(v, 3) for k, v in self.state.eval_before.items()}))
+
+    def load_data(self):
+        """Prompt-only data (the 'output' field is never read); prompt + reply must fit every model reading actor
+        tokens. Evaluation: EVAL_SIZE prompts, an equal share per rank."""
+        c, roles = self.c, self.roles
+        budget, why = prompt_budget(c, [("ACTOR_MODEL", roles.actor), ("REF_MODEL", roles.ref),
+                                        ("CRITIC_MODEL", roles.critic.model)]
+                                    + ([("REWARD_MODEL", roles.scorer.model.model)] if roles.scorer.same_tokenizer
+                                       else []))
+        self.prompts = load_prompts(c["PROMPT_FILE"], roles.tok, budget, "PROMPT_FILE", self.log, why)
+        if len(self.prompts) < self.sizes.rollout:
+            raise ConfigError(f"PROMPT_FILE has {len(self.prompts)} usable prompts, fewer than one rollout batch "
+                              f"({self.sizes.rollout}); add prompts or lower MINI_BATCH_SIZE")
+        ev = load_prompts(c["EVAL_FILE"], roles.tok, budget, "EVAL_FILE", self.log, why) if c["EVAL_FILE"] else []
+        ev = ev[:c["EVAL_SIZE"]] if c["EVAL_SIZE"] else ev
+        self.eval_prompts = ev[:len(ev) // self.sizes.world * self.sizes.world]
+
+    def describe(self):
+        """Print the resolved config, derived sizes, notes and models; keep them for config.json and the summary."""
+        c, roles, tok = self.c, self.roles, self.roles.tok
+        ref_path = c["REF_MODEL"] or c["ACTOR_MODEL"]
+        self.derived = {"ROLLOUT_BATCH": self.sizes.rollout, "PER_RANK_BATCH": self.sizes.per_rank,
+                        "world_size": self.sizes.world, "device": str(self.device),
+                        "dtype": str(self.dtype).replace("torch.", ""), "REF_MODEL": ref_path,
+                        "CRITIC_MODEL": roles.critic_path, "threads": torch.get_num_threads()}
+        self.log("config:", " ".join(f"{k}={c[k]!r}" for k in CONFIG_KEYS))
+        self.log("derived:", " ".join(f"{k}={v}" for k, v in self.derived.items()))
+        self.log("batch:", self.sizes.describe())
+        for n in roles.notes:
+            self.log("note:", n)
+        self.log("stop tokens (a reply ends at any):",
+                 ", ".join(f"{tok.convert_ids_to_tokens(i)!r} ({i})" for i in roles.stop_ids))
+        self.log(f"models: actor {roles.actor.num_parameters():,} params, critic {roles.critic.model.num_parameters():,}"
+                 f", reward model {'same tokenizer' if roles.scorer.same_tokenizer else 'own tokenizer (re-tokenising replies)'}"
+                 f"{', own pooling' if roles.scorer.model.own_pooling else ''}; "
+                 f"prompts: {len(self.prompts)} train, {len(self.eval_prompts)} eval")
+        self.models = {"actor": c["ACTOR_MODEL"], "reference": ref_path, "reward": c["REWARD_MODEL"],
+                       "critic": roles.critic_path, "actor_params": roles.actor.num_parameters(),
+                       "critic_params": roles.critic.model.num_parameters(),
+                       "reward_same_tokenizer": roles.scorer.same_tokenizer,
+                       "reward_own_pooling": roles.scorer.model.own_pooling,
+                       "stop_tokens": {tok.convert_ids_to_tokens(i): i for i in roles.stop_ids}}
+        self.data = {"prompt_file": c["PROMPT_FILE"], "train_prompts": len(self.prompts),
+                     "eval_file": c["EVAL_FILE"], "eval_prompts": len(self.eval_prompts)}
+        self.files = {"curves": os.path.join(self.metrics_dir, "training_curves.png"),
+                      "metrics_csv": os.path.join(self.metrics_dir, "training_metrics.csv"),
+                      "config": os.path.join(self.metrics_dir, "config.json"),
+                      "samples": os.path.join(self.metrics_dir, "samples.jsonl"),
+                      "checkpoints": self.ckpt_dir, "model": self.model_dir if c["SAVE_MODEL"] else None}
+
+    def resume(self):
+        saved = read_checkpoint(self.resume_path, "state.pt")
+        load_trained_state(self.roles, saved["models"], saved["optimizer"])
+        self.state = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState) if f.name != "config"},
+                              config=self.state.config)
+        self.kl_ctl.value = self.state.kl_coef
+        if self.score_moments is not None and self.state.score_moments:
+            self.score_moments.__dict__.update(self.state.score_moments)
+        set_rng_state(saved["rng"][self.rank], self.prompt_rng)
+        self.log(f"resuming from {self.resume_path}: step {self.state.step}, β {self.kl_ctl.value:.4f}")
+        if self.state.step >= self.c["TOTAL_STEPS"]:
+            self.log(f"the run in {self.c['OUTPUT_DIR']} already has {self.state.step} steps (TOTAL_STEPS = "
+                     f"{self.c['TOTAL_STEPS']}); extend it with --total_steps=N, or start over with --resume=never")
+
+    def evaluate(self, step):
+        """Held-out evaluation (timed; its RNG does not touch the run's): (results with the step, per-prompt detail)."""
+        t0 = time.perf_counter()
+        with autocast(self.device, self.dtype):
+            res, detail = evaluate(self.roles.actor, self.roles.ref, self.roles.scorer, self.roles.tok,
+                                   self.roles.stop_ids, self.eval_prompts, self.c, self.device, self.gold,
+                                   self.c["SEED"] + 1, self.roles.fsdp)
+        self.state.timing["eval"] += time.perf_counter() - t0
+        detail["prompts"] = [p[0] for p in self.eval_prompts]
+        return dict(res, step=step), detail
+
+    # -- writing: from here on the run writes into OUTPUT_DIR --
+    def __enter__(self):
+        c, state = self.c, self.state
+        self.csv_file = self.writer = None
+        if self.master:
+            if self.move_aside:
+                aside = f"{self.ckpt_dir}_before_{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(self.ckpt_dir, aside)
+                self.log(f"note: the earlier checkpoints are kept in {aside}")
+            atomic_write(self.files["config"], lambda f: json.dump({"config": state.config, "derived": self.derived},
+                                                                   f, indent=1))
+            if not self.resume_path and os.path.exists(self.files["samples"]):
+                os.remove(self.files["samples"])
+            # the rows so far (from the checkpoint), then appended row by row: a crash loses at most the step in flight
+            path = self.files["metrics_csv"]
+            self.csv_file = open(path + ".tmp", "w", newline="", encoding="utf-8")
+            if state.rows:
+                self.write_rows(state.rows)
+            os.replace(path + ".tmp", path)
+        self.stop = StopFlag(self.log)
+        self.last_saved = state.step if self.resume_path else -1
+        self.bar = tqdm(range(state.step + 1, c["TOTAL_STEPS"] + 1), desc="PPO", dynamic_ncols=True,
+                        disable=not self.master, initial=state.step, total=c["TOTAL_STEPS"])
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        self.stop.restore()
+        if self.csv_file:
+            self.csv_file.close()
+        return False
+
+    def steps(self):
+        return self.bar
+
+    def next_prompts(self):
+        """This rank's share of the next rollout batch; a fresh shuffle of the prompts each pass (same on all ranks)."""
+        self.t_step = time.perf_counter()
+        state, n = self.state, self.sizes.rollout
+        if state.cursor + n > len(state.order):
+            state.order, state.cursor = torch.randperm(len(self.prompts), generator=self.prompt_rng).tolist(), 0
+        start = state.cursor + self.rank * self.sizes.per_rank
+        state.cursor += n
+        return [self.prompts[i] for i in state.order[start:start + self.sizes.per_rank]]
+
+    def record(self, step, row, batch, prompts):
+        """Complete the step's row (METRICS order), evaluate when due, write the CSV row and samples, update the
+        bar; stop with TrainingDiverged after MAX_BAD_STEPS steps in a row with non-finite numbers."""
+        c, state, roles = self.c, self.state, self.roles
+        row.update({"step": step, "episodes": step * self.sizes.rollout})
+        if dist_on():  # every rank must hold the same β and (DDP) the same weights; FSDP shards differ by design
+            seen = all_gather_list([(self.kl_ctl.value, None if roles.fsdp else
+                                     params_checksum([roles.actor, roles.critic]))])
+            row["dist/ranks_in_sync"] = float(all(x == seen[0] for x in seen))
+        for k in ("generate", "score", "train"):
+            state.timing[k] += row[f"time/{k}_s"]
+        if self.eval_prompts and c["EVAL_EVERY"] and step % c["EVAL_EVERY"] == 0 and step < c["TOTAL_STEPS"]:
+            ev, _ = self.evaluate(step)
+            state.eval_points.append(ev)
+            row.update({"eval/rm_score": ev["rm_score"], "eval/gold_score": ev.get("gold_score", float("nan")),
+                        "eval/kl": ev["kl"]})
+        row["time/step_s"] = time.perf_counter() - self.t_step  # the whole step: phases, metrics, gold, evaluation
+        row = metrics_row(row)
+        state.rows.append(row)
+        state.step = step
+        bad = row["train/bad_scores"] > 0 or row["train/skipped_frac"] > 0
+        state.bad_streak = state.bad_streak + 1 if bad else 0
+        if self.master:
+            self.write_rows([row])
+            if c["SAMPLE_EVERY"] and (step == 1 or step % c["SAMPLE_EVERY"] == 0):
+                with open(self.files["samples"], "a", encoding="utf-8") as f:
+                    for p, r, sc in list(zip(prompts, batch["replies"], batch["scores"].tolist()))[:4]:
+                        f.write(json.dumps({"step": step, "prompt": p[0], "reply": r, "score": round(sc, 4)}) + "\n")
+            self.bar.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{row['objective/kl']:.2f}",
+                                 beta=f"{row['objective/kl_coef']:.3f}",
+                                 **({"gold": f"{row['objective/gold_scores']:.2f}"} if self.gold else {}))
+        if state.bad_streak >= c["MAX_BAD_STEPS"]:
+            kept = list_checkpoints(self.ckpt_dir)
+            raise TrainingDiverged(
+                f"{state.bad_streak} PPO steps in a row had a non-finite score, loss or gradient (step {step}); "
+                f"the last good checkpoint is {kept[-1] if kept else 'none'}: lower LEARNING_RATE or check the "
+                f"reward model, then resume")
+        self.bad = bad
+
+    def write_rows(self, rows):
+        if self.writer is None:
+            self.writer = csv.DictWriter(self.csv_file, fieldnames=list(rows[0]))
+            self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.csv_file.flush()
+
+    def checkpoint_or_stop(self, step):
+        """Checkpoint every SAVE_EVERY steps, at the end, and when asked to stop (never right after a bad step);
+        returns True when Ctrl-C / SIGTERM asked to stop (on any rank)."""
+        c = self.c
+        interrupted = self.stop.any_rank()
+        if not self.bad and (interrupted or step == c["TOTAL_STEPS"] or (c["SAVE_EVERY"] and step % c["SAVE_EVERY"] == 0)):
+            self.checkpoint()
+            self.last_saved = step
+            if self.master and not interrupted and step < c["TOTAL_STEPS"]:
+                write_reports(self.summary("running"), self.state, self.metrics_dir, c)
+        return interrupted
+
+    def tick(self):
+        now = time.perf_counter()
+        self.state.wall_s += now - self.t_session
+        self.t_session = now
+
+    def checkpoint(self):
+        self.tick()
+        self.state.kl_coef = self.kl_ctl.value
+        self.state.score_moments = dict(self.score_moments.__dict__) if self.score_moments is not None else None
+        return save_checkpoint(self.ckpt_dir, self.c["KEEP_CHECKPOINTS"], self.state, self.roles, self.prompt_rng,
+                               self.master)
+
+    def summary(self, status, eval_after=None, detail_after=None):
+        return build_summary(status, self.state, self.c, self.derived, self.roles.notes, self.models, self.data,
+                             self.files, eval_after, detail_after)
+
+    def finish(self):
+        """After the loop: an interrupted run writes its summary and the command that resumes it; a finished one is
+        evaluated, saves its models and writes summary.json and the curves."""
+        c, state = self.c, self.state
+        if self.stop.signum or state.step < c["TOTAL_STEPS"]:
+            self.log(f"interrupted after step {state.step}; checkpoint "
+                     f"{'saved' if self.last_saved == state.step else 'not saved'}; continue with: {resume_command(c)}")
+            if self.master:
+                self.tick()
+                summary = self.summary("interrupted")
+                summary["interrupted_by"] = signal.Signals(self.stop.signum).name if self.stop.signum else None
+                write_reports(summary, state, self.metrics_dir, c)
+            return {"status": "interrupted", "signum": self.stop.signum}
+        eval_after, detail_after = None, None
+        if self.eval_prompts:
+            eval_after, detail_after = self.evaluate(c["TOTAL_STEPS"])
+            state.eval_points.append(eval_after)
+            self.log("eval after: ", json.dumps({k: round(v, 3) for k, v in eval_after.items()}))
+        if c["SAVE_MODEL"]:
+            save_models(self.roles, self.model_dir, self.master)
+        if dist_on():
+            torch.distributed.barrier()
+        if not self.master:
+            return None
+        self.tick()
+        summary = self.summary("finished", eval_after, detail_after)
+        write_reports(summary, state, self.metrics_dir, c)
+        self.log("health:\n  " + "\n  ".join(summary["health"]))
+        self.log(f"done in {summary['wall_time_s']:.0f}s; read {self.metrics_dir}/summary.json, then "
+                 f"training_curves.png, then training_metrics.csv")
+        return summary
+
+
+def check_writable(output_dir, metrics_dir, rank):
+    try:
+        os.makedirs(metrics_dir, exist_ok=True)
+        probe = os.path.join(metrics_dir, f".write_test{rank}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"OUTPUT_DIR {output_dir!r} is not writable ({e.strerror}); pick another with "
+                          f"--output_dir=...") from None
+
+
+# ---- checkpoints and interrupts: everything needed to continue a run exactly ----------------------------------------
+def rng_state(prompt_rng):
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "prompt_order": prompt_rng.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, prompt_rng):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    prompt_rng.set_state(state["prompt_order"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trained_state(roles):
+    """(model state, optimizer state) of actor + critic; under FSDP gathered in full to the CPU (a collective)."""
+    pair = torch.nn.ModuleDict({"actor": roles.actor, "critic": roles.critic})
+    if not roles.fsdp:
+        return pair.state_dict(), roles.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(pair, roles.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_trained_state(roles, model_state, optim_state):
+    pair = torch.nn.ModuleDict({"actor": roles.actor, "critic": roles.critic})
+    if not roles.fsdp:
+        pair.load_state_dict(model_state)
+        roles.optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(pair, roles.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def list_checkpoints(ckpt_dir):
+    """Finished checkpoints, oldest first (a half-written one still has its .tmp name and is ignored)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d{8}", n))
+    return [os.path.join(ckpt_dir, n) for n in names if os.path.isfile(os.path.join(ckpt_dir, n, "meta.json"))]
+
+
+def save_checkpoint(ckpt_dir, keep, state, roles, prompt_rng, master):
+    """Write OUTPUT_DIR/checkpoints/step_XXXXXXXX/state.pt (models, optimizer, every rank's RNG, the RunState)
+    atomically (a .tmp folder, then rename); keep the newest `keep`. Every rank takes part (its RNG state; FSDP
+    gathers the shards); rank 0 writes."""
+    model_state, optim_state = trained_state(roles)
+    rngs = all_gather_list([rng_state(prompt_rng)])
+    step = state.step
+    if master:
+        final = os.path.join(ckpt_dir, f"step_{step:08d}")
+        tmp = final + ".tmp"
+        os.makedirs(tmp, exist_ok=True)
+        torch.save({"models": model_state, "optimizer": optim_state, "rng": rngs, **vars(state)},
+                   os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:  # read without loading the weights
+            json.dump({"step": step, "config": state.config}, f, indent=1)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old)
+    if dist_on():
+        torch.distributed.barrier()
+    return os.path.join(ckpt_dir, f"step_{step:08d}")
+
+
+def read_checkpoint(path, name):
+    """meta.json (step and config, read without the weights) or state.pt of a checkpoint; a damaged one is one line."""
+    file = os.path.join(path, name)
+    try:
+        if name == "state.pt":
+            return torch.load(file, map_location="cpu", weights_only=False)
+        with open(file, encoding="utf-8") as f:
+            return dict(json.load(f))
+    except Exception as e:  # a file on disk that a crash or a copy damaged
+        raise ConfigError(f"checkpoint {path}: {name} cannot be read ({first_line(e)}); move that folder away to "
+                          f"resume from an earlier checkpoint, or --resume=never") from None
+
+
+def config_differences(saved, c):
+    """Settings that differ between a checkpoint's config and this run's, ignoring those a resume may change."""
+    return [f"{k} {saved.get(k)!r} -> {c[k]!r}" for k in CONFIG_KEYS
+            if k not in RESUMABLE_CHANGES and saved.get(k) != c[k]]
+
+
+def choose_checkpoint(c, ckpt_dir, log):
+    """RESUME: "never"; "auto" = the newest checkpoint of this output folder when its config matches (otherwise
+    start fresh, with the old checkpoints moved aside, never deleted); or a path that must match.
+    Returns (checkpoint path or None, whether old checkpoints must be moved aside)."""
+    if c["RESUME"] == "never":
+        return None, bool(list_checkpoints(ckpt_dir))
+    if c["RESUME"] != "auto":
+        path = c["RESUME"]
+        path = path if os.path.isfile(os.path.join(path, "state.pt")) else (list_checkpoints(path) or [path])[-1]
+        if not os.path.isfile(os.path.join(path, "state.pt")):
+            raise ConfigError(f"RESUME {c['RESUME']!r} holds no checkpoint (a step_XXXXXXXX folder with state.pt); "
+                              f"give one, or --resume=auto / --resume=never")
+        diff = config_differences(read_checkpoint(path, "meta.json").get("config", {}), c)
+        if diff:
+            raise ConfigError(f"checkpoint {path} comes from a different config ({'; '.join(diff[:3])}); resume with "
+                              f"its settings, or start over with --resume=never")
+        return path, False
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        return None, False
+    diff = config_differences(read_checkpoint(found[-1], "meta.json").get("config", {}), c)
+    if not diff:
+        return found[-1], False
+    log(f"note: not resuming {found[-1]}: the config changed ({'; '.join(diff[:3])}); starting fresh")
+    return None, True
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM: the first asks to stop after the step in flight (checkpoint and reports are written);
+    a second stops at once."""
+
+    def __init__(self, log):
+        self.signum, self.log = 0, log
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)")
+
+    def any_rank(self):
+        return bool(all_reduce_sum(torch.tensor([self.signum], device=DIST_DEVICE)).item()) if dist_on() \
+            else bool(self.signum)
+
+    def restore(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+def resume_command(c):
+    """The command that continues this run: RESUME=auto finds the checkpoint, the overrides are those of this run."""
+    args = [f"--{k.lower()}={c[k]}" for k in CONFIG_KEYS if c[k] != globals()[k]]
+    launcher = "torchrun --nproc_per_node N" if dist_on() else "python"
+    return " ".join([launcher, "code/ppo.py"] + args)
+
+
+def save_models(roles, model_dir, master):
+    """save_pretrained of actor and critic, each beside the actor's tokenizer, as models a user loads and runs as they
+    are: the tokenizer as loaded (its pad a real token), the actor's generation_config ending replies at the run's
+    stop tokens, no id of the trainer's own. Under FSDP the full weights are gathered to rank 0 first."""
+    actor, tok, stop_ids = roles.actor, roles.tok, roles.stop_ids
+    actor.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
+    actor.generation_config.pad_token_id = tok.pad_token_id
+    for name, m in (("actor", actor), ("critic", roles.critic.model)):
+        state = None
+        if roles.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            state = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if master:
+            m.save_pretrained(os.path.join(model_dir, name), state_dict=state)
+            tok.save_pretrained(os.path.join(model_dir, name))
+
+
+# ---- reporting: the metrics table, CSV rows, curves, summary with health verdicts -----------------------------------
+# Every metric a run logs, named once: how it is reduced, the curve panel that plots it (title, label) or None, and
+# whether summary.json summarises it ("max" / "min": which end is best). The CSV columns (in this order), the curves,
+# the summary and the health verdicts all read this table. Reductions: "once" = the same number on every rank;
+# "batch" = mean over the rollout batch of all ranks; "micro" = mean over the micro-batches of the step and the ranks;
+# "optim" = mean over the optimizer steps and ranks; "time" = seconds (or tokens/s), mean over ranks; "eval" = the
+# held-out evaluation at EVAL_EVERY steps, NaN in between; "dist" = only under torchrun.
+REWARD, KL_PANEL, CLIP = "reward", "KL to reference (nats/reply)", "clipfrac and approx KL"
+METRICS = {
+    "step": ("once", None, None),
+    "episodes": ("once", None, None),
+    "objective/scores": ("batch", (REWARD, "RM score"), "max"),
+    "objective/rlhf_reward": ("batch", (REWARD, "RLHF reward"), None),
+    "objective/non_score_reward": ("batch", None, None),
+    "objective/kl": ("batch", (KL_PANEL, "KL"), "max"),
+    "objective/entropy": ("batch", None, "max"),
+    "objective/kl_coef": ("once", ("β (KL coefficient)", "β"), "max"),
+    "objective/gold_scores": ("batch", (REWARD, "gold score"), "max"),
+    "policy/approxkl_avg": ("micro", (CLIP, "approx KL"), "max"),
+    "policy/clipfrac_avg": ("micro", (CLIP, "policy clipfrac"), "max"),
+    "policy/entropy_avg": ("micro", ("entropy (nats/token)", "entropy"), "max"),
+    "loss/policy_avg": ("micro", ("policy loss", "policy"), "max"),
+    "loss/value_avg": ("micro", ("value loss", "value"), "min"),
+    "val/clipfrac_avg": ("micro", (CLIP, "value clipfrac"), None),
+    "val/ratio": ("micro", None, None),
+    "policy/grad_norm": ("optim", None, None),
+    "train/skipped_frac": ("optim", None, None),
+    "val/explained_var": ("batch", None, "max"),
+    "val/mean_value": ("batch", None, None),
+    "resp/length_mean": ("batch", ("reply length (tokens)", "length"), "max"),
+    "resp/eos_frac": ("batch", None, "max"),
+    "resp/repetition": ("batch", None, "max"),
+    "lr": ("once", None, None),
+    "time/generate_s": ("time", None, None),
+    "time/score_s": ("time", None, None),
+    "time/train_s": ("time", None, None),
+    "time/tokens_per_s": ("time", None, None),
+    "eval/rm_score": ("eval", None, None),
+    "eval/gold_score": ("eval", None, None),
+    "eval/kl": ("eval", None, None),
+    "train/bad_scores": ("once", None, None),
+    "dist/ranks_in_sync": ("dist", None, None),
+    "time/step_s": ("time", None, None),
+}
+PANELS = [REWARD, KL_PANEL, "β (KL coefficient)", "policy loss", "value loss", CLIP, "entropy (nats/token)",
+          "reply length (tokens)"]  # the figure's order; a last panel shows the held-out evaluation
+
+
+def metrics_row(values):
+    """The CSV row of one step: every metric of METRICS in its order (an evaluation column not measured this step
+    is NaN; dist/ columns exist only under torchrun). A value that METRICS does not declare is a bug."""
+    undeclared = set(values) - set(METRICS)
+    assert not undeclared, f"metrics missing from METRICS: {sorted(undeclared)}"
+    return {name: values.get(name, float("nan")) for name, (reduce, _, _) in METRICS.items()
+            if name in values or reduce == "eval"}
+
+
 def atomic_write(path, write):
     """write(f) into path.tmp, then rename: a reader never sees half a file, a crash never corrupts the old one."""
     tmp = path + ".tmp"
@@ -1080,35 +1734,27 @@ def smooth(series):
 
 
 def plot_curves(df, path, target, eval_points):
-    """One figure, read at a glance: smoothed lines over faint raw points."""
-    panels = [
-        ("reward", [("objective/scores", "RM score"), ("objective/rlhf_reward", "RLHF reward"),
-                    ("objective/gold_scores", "gold score")]),
-        ("KL to reference (nats/reply)", [("objective/kl", "KL")]),
-        ("β (KL coefficient)", [("objective/kl_coef", "β")]),
-        ("policy loss", [("loss/policy_avg", "policy")]),
-        ("value loss", [("loss/value_avg", "value")]),
-        ("clipfrac and approx KL", [("policy/clipfrac_avg", "policy clipfrac"), ("val/clipfrac_avg", "value clipfrac"),
-                                    ("policy/approxkl_avg", "approx KL")]),
-        ("entropy (nats/token)", [("policy/entropy_avg", "entropy")]),
-        ("reply length (tokens)", [("resp/length_mean", "length")]),
-        ("held-out evaluation", []),
-    ]
+    """One figure, read at a glance: smoothed lines over faint raw points, one panel per PANELS entry (the metrics
+    METRICS assigns to it), and the held-out evaluation."""
     fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     x = df["step"]
-    for ax, (title, series) in zip(axes.flat, panels):
+    for ax, title in zip(axes.flat, PANELS):
+        series = [(name, panel[1]) for name, (_, panel, _) in METRICS.items() if panel and panel[0] == title]
         for i, (col, label) in enumerate(series):
             if col not in df or df[col].isna().all():
                 continue
             color = f"C{i}"
             ax.plot(x, df[col], ".", color=color, alpha=0.25, markersize=3)
             ax.plot(x, smooth(df[col]), "-", color=color, label=label, linewidth=1.8)
-        if title.startswith("KL"):
+        if title == KL_PANEL:
             ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:g}")
         ax.set_title(title)
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
     ax = axes.flat[-1]
+    ax.set_title("held-out evaluation")
+    ax.set_xlabel("PPO step")
+    ax.grid(alpha=0.3)
     if eval_points:
         steps = [p["step"] for p in eval_points]
         for i, key in enumerate(("rm_score", "gold_score", "kl")):
@@ -1131,7 +1777,10 @@ def health_verdicts(df, target, eval_before, eval_after):
         return ["no PPO step finished"]
     k = max(1, len(df) // 10)
     first, last = df.iloc[:k], df.iloc[-k:]
-    f = lambda part, col: float(part[col].mean()) if col in part and part[col].notna().any() else float("nan")  # noqa
+
+    def f(part, col):  # mean of a METRICS column over part of the run; NaN where it was never measured
+        assert col in METRICS, col
+        return float(part[col].mean()) if col in part and part[col].notna().any() else float("nan")
     out = []
     kl = f(last, "objective/kl")
     if f(df, "objective/kl") < -0.5 or kl < -0.5:
@@ -1197,290 +1846,20 @@ def health_verdicts(df, target, eval_before, eval_after):
     return out
 
 
-def summarise(df, key):
+def summarise(df, key, best):
+    """A metric over the run: mean of the first and last tenth, and its best value (max or min, from METRICS)."""
     if key not in df or df[key].notna().sum() == 0:
         return None
     k = max(1, len(df) // 10)
     col = df[key].dropna()
     return {"start": float(col.iloc[:k].mean()), "end": float(col.iloc[-k:].mean()),
-            "best": float(col.max()) if key != "loss/value_avg" else float(col.min())}
-
-
-# ---- main: setup, loop, save ------------------------------------------------------------------------------------------
-def setup_distributed(c):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (nanoGPT-style detection); a plain `python` run is one process.
-    Returns (rank, world, device)."""
-    global DIST_DEVICE
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(c["DEVICE"])
-    if c["DISTRIBUTED"] not in ("ddp", "fsdp"):
-        raise ConfigError(f"DISTRIBUTED = {c['DISTRIBUTED']!r} must be 'ddp' or 'fsdp'")
-    device = pick_device(c["DEVICE"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    DIST_DEVICE = device if device.type == "cuda" else torch.device("cpu")
-    world = torch.distributed.get_world_size()
-    if c["GRAD_ACCUM"] % world:
-        raise ConfigError(f"GRAD_ACCUM = {c['GRAD_ACCUM']} does not divide by the {world} processes: set "
-                          f"--grad_accum to a multiple of {world} (the rollout batch, MINI_BATCH_SIZE x GRAD_ACCUM x "
-                          f"PPO_BUFFER_SIZE, is shared out over the processes)")
-    return torch.distributed.get_rank(), world, device
-
-
-def load_roles(c, device, dtype):
-    """The four roles: Actor (trained), Reference (frozen), Reward (frozen), Critic (trained). Returns
-    (tok, actor, ref, scorer, critic, critic_path, notes). Mixed precision as OpenRLHF/DeepSpeed do it: the trained
-    models hold fp32 weights (an update of lr 1e-6 vanishes in bf16 weights) and compute in `dtype` under autocast;
-    the frozen models are stored in `dtype`."""
-    ref_path = c["REF_MODEL"] or c["ACTOR_MODEL"]
-    frozen_device = torch.device("cpu") if c["OFFLOAD_FROZEN"] else device
-    tok, notes = load_tokenizer(c["ACTOR_MODEL"], "ACTOR_MODEL")
-    rm_tok, rm_notes = load_tokenizer(c["REWARD_MODEL"], "REWARD_MODEL")
-    fp32 = torch.float32  # trained models keep fp32 master weights; DTYPE is their compute dtype (autocast)
-    actor = load_model("causal", c["ACTOR_MODEL"], "ACTOR_MODEL", device, fp32)
-    check_tokenizer_fits(tok, actor, c["ACTOR_MODEL"], "ACTOR_MODEL")
-    ref = freeze(load_model("causal", ref_path, "REF_MODEL", frozen_device, dtype))
-    rm = freeze(load_model("reward", c["REWARD_MODEL"], "REWARD_MODEL", frozen_device, dtype, label=c["REWARD_LABEL"]))
-    check_tokenizer_fits(rm_tok, rm.model, c["REWARD_MODEL"], "REWARD_MODEL")
-    scorer = RewardScorer(rm, rm_tok, tok, device)
-    notes += rm_notes
-    if not scorer.same_tokenizer and scorer.max_len and scorer.max_len < c["MAX_PROMPT_TOKENS"] + c["MAX_NEW_TOKENS"]:
-        notes.append(f"the reward model reads at most {scorer.max_len} of its tokens: a longer conversation keeps its "
-                     f"last {scorer.max_len} (a decoder) or is truncated by its tokenizer (an encoder)")
-    if c["CRITIC_MODEL"]:  # an explicit critic must read the actor's tokens
-        critic_tok, _ = load_tokenizer(c["CRITIC_MODEL"], "CRITIC_MODEL")
-        if critic_tok.get_vocab() != tok.get_vocab():
-            raise ConfigError(f"CRITIC_MODEL {c['CRITIC_MODEL']!r} uses a different tokenizer from the actor; the critic "
-                              f"values the actor's tokens, so give a value model with the actor's tokenizer, or "
-                              f"--critic_model= for the default")
-        critic_path, critic = c["CRITIC_MODEL"], load_model("score", c["CRITIC_MODEL"], "CRITIC_MODEL", device, fp32)
-    elif scorer.same_tokenizer and rm.model.config.num_labels == 1:  # default: a trained copy of the RM (N+, OpenRLHF)
-        critic_path, critic = c["REWARD_MODEL"], load_model("score", c["REWARD_MODEL"], "CRITIC_MODEL", device, fp32)
-    else:  # the RM gives no value per actor token: the actor's weights with a fresh, zero value head (OAI)
-        critic_path = c["ACTOR_MODEL"]
-        critic = load_model("score", c["ACTOR_MODEL"], "CRITIC_MODEL", device, fp32, fresh_value_head=True)
-        why = ("the reward model is an encoder classifier, read through its own tokenizer and pooling" if rm.own_pooling
-               else "the reward model's tokenizer differs from the actor's: replies are re-tokenised for it"
-               if not scorer.same_tokenizer else "the reward model has several outputs")
-        notes.append(f"{why}; the critic is the actor's weights with a new zero-initialised value head")
-    critic.model.config.pad_token_id = tok.pad_token_id
-    if c["GRADIENT_CHECKPOINTING"]:
-        for m in (actor, critic.model):
-            m.activation_checkpointing_enable({"use_reentrant": False})
-    return tok, actor, ref, scorer, critic, critic_path, notes
-
-
-def wrap_for_training(actor, critic, c, device):
-    """Under torchrun: DDP (a full copy per rank, gradients all-reduced) or FSDP2 (fully_shard: parameters, gradients
-    and optimizer state sharded over ranks, each decoder layer gathered when used). Returns the modules the training
-    forward calls; rollout and evaluation call the plain (or, under FSDP, sharded) modules directly."""
-    if not dist_on():
-        return actor, critic
-    if c["DISTRIBUTED"] == "ddp":
-        ids = [device.index] if device.type == "cuda" else None
-        return (torch.nn.parallel.DistributedDataParallel(actor, device_ids=ids),
-                torch.nn.parallel.DistributedDataParallel(critic, device_ids=ids))
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(device.type, (world_size(),))
-    for root, hf_model in ((actor, actor), (critic, critic.model)):
-        layer_classes = set(getattr(hf_model, "_no_split_modules", None) or [])
-        for m in hf_model.modules():
-            if type(m).__name__ in layer_classes:
-                fully_shard(m, mesh=mesh)
-        fully_shard(root, mesh=mesh)
-    return actor, critic
-
-
-def save_models(actor, critic, tok, stop_ids, model_dir, master):
-    """save_pretrained of actor and critic, each beside the actor's tokenizer, as models a user loads and runs as they
-    are: the tokenizer as loaded (its pad a real token), the actor's generation_config ending replies at the run's
-    stop tokens, no id of the trainer's own. Under FSDP the full weights are gathered to rank 0 first."""
-    actor.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
-    actor.generation_config.pad_token_id = tok.pad_token_id
-    fsdp = any(type(p).__name__ == "DTensor" for p in actor.parameters())
-    for name, m in (("actor", actor), ("critic", critic.model)):
-        state = None
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            state = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if master:
-            m.save_pretrained(os.path.join(model_dir, name), state_dict=state)
-            tok.save_pretrained(os.path.join(model_dir, name))
-
-
-# ---- checkpoints: everything needed to continue a run exactly -------------------------------------------------------
-def rng_state(prompt_rng):
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "prompt_order": prompt_rng.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state, prompt_rng):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    prompt_rng.set_state(state["prompt_order"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trained_state(actor, critic, optimizer, fsdp):
-    """(model state, optimizer state) of actor + critic; under FSDP gathered in full to the CPU (a collective)."""
-    pair = torch.nn.ModuleDict({"actor": actor, "critic": critic})
-    if not fsdp:
-        return pair.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(pair, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_trained_state(actor, critic, optimizer, model_state, optim_state, fsdp):
-    pair = torch.nn.ModuleDict({"actor": actor, "critic": critic})
-    if not fsdp:
-        pair.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    set_state_dict(pair, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))
-
-
-def list_checkpoints(ckpt_dir):
-    """Finished checkpoints, oldest first (a half-written one still has its .tmp name and is ignored)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    names = sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d{8}", n))
-    return [os.path.join(ckpt_dir, n) for n in names if os.path.isfile(os.path.join(ckpt_dir, n, "meta.json"))]
-
-
-def save_checkpoint(ckpt_dir, keep, step, actor, critic, optimizer, state, prompt_rng, fsdp, master):
-    """Write OUTPUT_DIR/checkpoints/step_XXXXXXXX/state.pt atomically (a .tmp folder, then rename); keep the newest
-    `keep`. Every rank takes part (its RNG state; FSDP gathers the shards); rank 0 writes."""
-    model_state, optim_state = trained_state(actor, critic, optimizer, fsdp)
-    rngs = all_gather_list([rng_state(prompt_rng)])
-    if master:
-        final = os.path.join(ckpt_dir, f"step_{step:08d}")
-        tmp = final + ".tmp"
-        os.makedirs(tmp, exist_ok=True)
-        torch.save({"models": model_state, "optimizer": optim_state, "rng": rngs, **state}, os.path.join(tmp, "state.pt"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:  # read without loading the weights
-            json.dump({"step": step, "config": state["config"]}, f, indent=1)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old)
-    if dist_on():
-        torch.distributed.barrier()
-    return os.path.join(ckpt_dir, f"step_{step:08d}")
-
-
-def read_checkpoint(path, name):
-    """meta.json (step and config, read without the weights) or state.pt of a checkpoint; a damaged one is one line."""
-    file = os.path.join(path, name)
-    try:
-        if name == "state.pt":
-            return torch.load(file, map_location="cpu", weights_only=False)
-        with open(file, encoding="utf-8") as f:
-            return dict(json.load(f))
-    except Exception as e:  # a file on disk that a crash or a copy damaged
-        raise ConfigError(f"checkpoint {path}: {name} cannot be read ({first_line(e)}); move that folder away to "
-                          f"resume from an earlier checkpoint, or --resume=never") from None
-
-
-def config_differences(saved, c):
-    """Settings that differ between a checkpoint's config and this run's, ignoring those a resume may change."""
-    return [f"{k} {saved.get(k)!r} -> {c[k]!r}" for k in CONFIG_KEYS
-            if k not in RESUMABLE_CHANGES and saved.get(k) != c[k]]
-
-
-def choose_checkpoint(c, ckpt_dir, log):
-    """RESUME: "never"; "auto" = the newest checkpoint of this output folder when its config matches (otherwise
-    start fresh, with the old checkpoints moved aside, never deleted); or a path that must match.
-    Returns (checkpoint path or None, whether old checkpoints must be moved aside)."""
-    if c["RESUME"] == "never":
-        return None, bool(list_checkpoints(ckpt_dir))
-    if c["RESUME"] != "auto":
-        path = c["RESUME"]
-        path = path if os.path.isfile(os.path.join(path, "state.pt")) else (list_checkpoints(path) or [path])[-1]
-        if not os.path.isfile(os.path.join(path, "state.pt")):
-            raise ConfigError(f"RESUME {c['RESUME']!r} holds no checkpoint (a step_XXXXXXXX folder with state.pt); "
-                              f"give one, or --resume=auto / --resume=never")
-        diff = config_differences(read_checkpoint(path, "meta.json").get("config", {}), c)
-        if diff:
-            raise ConfigError(f"checkpoint {path} comes from a different config ({'; '.join(diff[:3])}); resume with "
-                              f"its settings, or start over with --resume=never")
-        return path, False
-    found = list_checkpoints(ckpt_dir)
-    if not found:
-        return None, False
-    diff = config_differences(read_checkpoint(found[-1], "meta.json").get("config", {}), c)
-    if not diff:
-        return found[-1], False
-    log(f"note: not resuming {found[-1]}: the config changed ({'; '.join(diff[:3])}); starting fresh")
-    return None, True
-
-
-def params_checksum(modules):
-    """One number per rank that differs when the ranks' parameters differ (DDP must keep them identical): the sum of
-    every parameter's bit patterns read as integers, wrapping around. Integer sums do not depend on the order of the
-    reduction, so equal weights give equal sums on any kernel, and a one-ulp change shows. No copy is made (an fp64
-    sum copies each tensor first: 4.4 GB for a 7B model's embedding)."""
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-    with torch.no_grad():
-        sums = [p.detach().reshape(-1).view(ints[p.element_size()]).sum(dtype=ints[p.element_size()]).long()
-                for m in modules for p in m.parameters()]
-        return sum(torch.stack(sums).tolist())
-
-
-def step_metrics(step, rollout_batch, batch, mb_stats, beta, gold, batch_prompts, optimizer, t_train):
-    """One CSV row (TRL's names where TRL has one), averaged over all micro-batches of the step and over ranks."""
-    mask, returns, values = batch["mask"], batch["returns"], batch["values"]
-    seq_kl = batch["kl"].sum(1)
-    var_returns = torch.var(returns[mask], unbiased=False)
-    resp_tokens = [r[m].tolist() for r, m in zip(batch["responses"].cpu(), mask.cpu())]
-    row = {
-        "objective/scores": batch["scores"].mean().item(),
-        "objective/rlhf_reward": (batch["scores"] + batch["non_score_reward"].sum(1)).mean().item(),
-        "objective/non_score_reward": batch["non_score_reward"].sum(1).mean().item(),
-        "objective/kl": seq_kl.mean().item(),
-        "objective/entropy": (-torch.where(mask, batch["logprobs"], 0.0).sum(1)).mean().item(),
-        "objective/kl_coef": beta,
-        "objective/gold_scores": float(np.mean(gold([p[1] for p in batch_prompts], batch["replies"])))
-        if gold else float("nan"),
-    }
-    row.update({k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in mb_stats[-1]})
-    row.update({
-        "val/explained_var": (1 - torch.var((returns - values)[mask], unbiased=False) / var_returns).item()
-        if var_returns > 0 else float("nan"),
-        "val/mean_value": masked_mean(values, mask).item(),
-        "resp/length_mean": mask.sum(1).float().mean().item(),
-        "resp/eos_frac": batch["ended"].float().mean().item(),
-        "resp/repetition": float(np.mean([repetition_rate(t) for t in resp_tokens])),
-        "lr": optimizer.param_groups[0]["lr"],
-        "time/generate_s": batch["time_generate"], "time/score_s": batch["time_score"], "time/train_s": t_train,
-        "time/tokens_per_s": mask.sum().item() * world_size()
-        / (batch["time_generate"] + batch["time_score"] + t_train),
-    })
-    return dict({"step": step, "episodes": step * rollout_batch}, **all_mean(row),
-                **{"eval/rm_score": float("nan"), "eval/gold_score": float("nan"), "eval/kl": float("nan")})
-
-
-def resume_command(c):
-    """The command that continues this run: RESUME=auto finds the checkpoint, the overrides are those of this run."""
-    args = [f"--{k.lower()}={c[k]}" for k in CONFIG_KEYS if c[k] != globals()[k]]
-    launcher = "torchrun --nproc_per_node N" if dist_on() else "python"
-    return " ".join([launcher, "code/ppo.py"] + args)
+            "best": float(col.max() if best == "max" else col.min())}
 
 
 def build_summary(status, state, c, derived, notes, models, data, files, eval_after=None, detail_after=None):
     """summary.json: the run at a glance, health verdicts first."""
-    df = pd.DataFrame(state["rows"])
-    eval_before, detail_before = state["eval_before"], state["detail_before"]
+    df = pd.DataFrame(state.rows)
+    eval_before, detail_before = state.eval_before, state.detail_before
     samples = []
     if detail_before and detail_after:
         for i in range(min(8, len(detail_before["replies"]))):
@@ -1491,15 +1870,11 @@ def build_summary(status, state, c, derived, notes, models, data, files, eval_af
     return {
         "status": status,
         "health": health_verdicts(df, c["PPO_TARGET"], eval_before, eval_after),
-        "eval_before": eval_before, "eval_after": eval_after, "eval_points": state["eval_points"],
-        "metrics": {k: summarise(df, k) for k in ("objective/scores", "objective/gold_scores", "objective/kl",
-                                                   "objective/kl_coef", "objective/entropy", "policy/entropy_avg",
-                                                   "policy/clipfrac_avg", "policy/approxkl_avg", "loss/policy_avg",
-                                                   "loss/value_avg", "val/explained_var", "resp/length_mean",
-                                                   "resp/eos_frac", "resp/repetition")},
-        "steps": state["step"], "episodes": state["step"] * derived["ROLLOUT_BATCH"],
-        "wall_time_s": round(state["wall_s"], 2),
-        "time_split_s": {k: round(v, 2) for k, v in state["timing"].items()},
+        "eval_before": eval_before, "eval_after": eval_after, "eval_points": state.eval_points,
+        "metrics": {k: summarise(df, k, best) for k, (_, _, best) in METRICS.items() if best},
+        "steps": state.step, "episodes": state.step * derived["ROLLOUT_BATCH"],
+        "wall_time_s": round(state.wall_s, 2),
+        "time_split_s": {k: round(v, 2) for k, v in state.timing.items()},
         "step_time_s_median": float(df["time/step_s"].median()) if len(df) else None,
         "resume_command": resume_command(c) if status != "finished" else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
@@ -1512,286 +1887,64 @@ def build_summary(status, state, c, derived, notes, models, data, files, eval_af
 
 def write_reports(summary, state, metrics_dir, c):
     """summary.json and training_curves.png, each written atomically."""
-    if state["rows"]:
-        plot_curves(pd.DataFrame(state["rows"]), os.path.join(metrics_dir, "training_curves.png"), c["PPO_TARGET"],
-                    state["eval_points"])
+    if state.rows:
+        plot_curves(pd.DataFrame(state.rows), os.path.join(metrics_dir, "training_curves.png"), c["PPO_TARGET"],
+                    state.eval_points)
     atomic_write(os.path.join(metrics_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
 
 
-class StopFlag:
-    """Ctrl-C / SIGTERM: the first asks to stop after the step in flight (checkpoint and reports are written);
-    a second stops at once."""
-
-    def __init__(self, log):
-        self.signum, self.log = 0, log
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-        self.log(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)")
-
-    def any_rank(self):
-        return bool(all_reduce_sum(torch.tensor([self.signum], device=DIST_DEVICE)).item()) if dist_on() \
-            else bool(self.signum)
-
-    def restore(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+# ---- command line: --name=value overrides, --help -------------------------------------------------------------------
+def config_comments():
+    """{NAME: comment} read from the config block above, so --help is the config block itself."""
+    out = {}
+    with open(os.path.abspath(__file__), encoding="utf-8") as f:
+        for line in f:
+            m = re.match(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.*)$", line)
+            if m and m.group(1) in CONFIG_KEYS:
+                out[m.group(1)] = m.group(2)
+    return out
 
 
-def train(c):
-    """The whole run for the resolved config `c` ({NAME: value}); returns the summary dict (rank 0) or None."""
-    rollout_batch = check_config(c)
-    rank, world, device = setup_distributed(c)
-    master = rank == 0  # only rank 0 prints, shows the bar and writes files
-    log = print if master else (lambda *a, **k: None)
-    if rollout_batch % world:
-        raise ConfigError(f"the rollout batch ({rollout_batch}) does not divide by the {world} processes")
-    per_rank = rollout_batch // world
-    dtype = pick_dtype(c["DTYPE"], device)
-    metrics_dir = os.path.join(c["OUTPUT_DIR"], "ppo_metrics")
-    model_dir = os.path.join(c["OUTPUT_DIR"], "ppo_model")
-    ckpt_dir = os.path.join(c["OUTPUT_DIR"], "checkpoints")
+def parse_value(name, text, default):
+    """Parse `text` with the type of the constant's default value."""
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name.lower()}={text}: expected true or false")
     try:
-        os.makedirs(metrics_dir, exist_ok=True)
-        probe = os.path.join(metrics_dir, f".write_test{rank}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"OUTPUT_DIR {c['OUTPUT_DIR']!r} is not writable ({e.strerror}); pick another with "
-                          f"--output_dir=...") from None
-    random.seed(c["SEED"]), np.random.seed(c["SEED"]), torch.manual_seed(c["SEED"])
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--{name.lower()}={text}: expected {type(default).__name__} like {default!r}") from None
+    return text
 
-    tok, actor, ref, scorer, critic, critic_path, notes = load_roles(c, device, dtype)
-    ref_path = c["REF_MODEL"] or c["ACTOR_MODEL"]
-    actor_train, critic_train = wrap_for_training(actor, critic, c, device)
-    fsdp = dist_on() and c["DISTRIBUTED"] == "fsdp"
-    params = list(actor_train.parameters()) + list(critic_train.parameters())
-    # one AdamW over actor and critic, as N+ and TRL-new (PolicyAndValueWrapper): one step, one gradient clip
-    # fused AdamW: one kernel for all parameters instead of a loop over tensors (4x faster on the demo's CPU step)
-    optimizer = torch.optim.AdamW(params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"], weight_decay=c["WEIGHT_DECAY"],
-                                  fused=device.type in ("cpu", "cuda") and not fsdp)
-    kl_ctl = AdaptiveKLController(c["INIT_KL_COEF"], c["PPO_TARGET"], c["KL_HORIZON"], c["ADAPTIVE_KL"])
-    score_moments = RunningMoments() if c["SCORE_NORM"] else None
-    gold = load_gold(c["GOLD_REWARD"]) if c["GOLD_REWARD"] else None
-    stop_ids = stop_token_ids(tok, actor, c["STOP_TOKENS"])
 
-    # data: prompt-only; the 'output' field is never read. Prompt + reply must fit every model reading actor tokens.
-    budget, why = prompt_budget(c, [("ACTOR_MODEL", actor), ("REF_MODEL", ref), ("CRITIC_MODEL", critic.model)]
-                                + ([("REWARD_MODEL", scorer.model.model)] if scorer.same_tokenizer else []))
-    prompts = load_prompts(c["PROMPT_FILE"], tok, budget, "PROMPT_FILE", log, why)
-    if len(prompts) < rollout_batch:
-        raise ConfigError(f"PROMPT_FILE has {len(prompts)} usable prompts, fewer than one rollout batch "
-                          f"({rollout_batch}); add prompts or lower MINI_BATCH_SIZE")
-    eval_prompts = load_prompts(c["EVAL_FILE"], tok, budget, "EVAL_FILE", log, why) if c["EVAL_FILE"] else []
-    eval_prompts = eval_prompts[:c["EVAL_SIZE"]] if c["EVAL_SIZE"] else eval_prompts
-    eval_prompts = eval_prompts[:len(eval_prompts) // world * world]  # an equal share per rank
+def parse_overrides(argv, config):
+    """`--name=value` (case-insensitive names) -> {NAME: typed value}. Unknown names name their close matches."""
+    out = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"cannot read argument {arg!r}: overrides look like --total_steps=100 (see --help)")
+        name, text = arg[2:].split("=", 1)
+        key = name.upper().replace("-", "_")
+        if key not in config:
+            close = difflib.get_close_matches(key, list(config), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join('--' + c.lower() for c in close)}?" if close else "; see --help"
+            raise ConfigError(f"unknown setting --{name}{hint}")
+        out[key] = parse_value(key, text, config[key])
+    return out
 
-    config_out = {k: c[k] for k in CONFIG_KEYS}
-    derived = {"ROLLOUT_BATCH": rollout_batch, "world_size": world, "device": str(device),
-               "dtype": str(dtype).replace("torch.", ""), "REF_MODEL": ref_path, "CRITIC_MODEL": critic_path,
-               "threads": torch.get_num_threads()}
-    log("config:", " ".join(f"{k}={v!r}" for k, v in config_out.items()))
-    log("derived:", " ".join(f"{k}={v}" for k, v in derived.items()))
-    for n in notes:
-        log("note:", n)
-    log("stop tokens (a reply ends at any):", ", ".join(f"{tok.convert_ids_to_tokens(i)!r} ({i})" for i in stop_ids))
-    log(f"models: actor {actor.num_parameters():,} params, critic {critic.model.num_parameters():,}, reward model "
-        f"{'same tokenizer' if scorer.same_tokenizer else 'own tokenizer (re-tokenising replies)'}"
-        f"{', own pooling' if scorer.model.own_pooling else ''}; "
-        f"prompts: {len(prompts)} train, {len(eval_prompts)} eval")
-    csv_path = os.path.join(metrics_dir, "training_metrics.csv")
-    samples_path = os.path.join(metrics_dir, "samples.jsonl")
-    models = {"actor": c["ACTOR_MODEL"], "reference": ref_path, "reward": c["REWARD_MODEL"], "critic": critic_path,
-              "actor_params": actor.num_parameters(), "critic_params": critic.model.num_parameters(),
-              "reward_same_tokenizer": scorer.same_tokenizer, "reward_own_pooling": scorer.model.own_pooling,
-              "stop_tokens": {tok.convert_ids_to_tokens(i): i for i in stop_ids}}
-    data = {"prompt_file": c["PROMPT_FILE"], "train_prompts": len(prompts), "eval_file": c["EVAL_FILE"],
-            "eval_prompts": len(eval_prompts)}
-    files = {"curves": os.path.join(metrics_dir, "training_curves.png"), "metrics_csv": csv_path,
-             "config": os.path.join(metrics_dir, "config.json"), "samples": samples_path,
-             "checkpoints": ckpt_dir, "model": model_dir if c["SAVE_MODEL"] else None}
 
-    # the run's state: all a checkpoint needs, besides models, optimizer and RNG
-    state = {"step": 0, "order": [], "cursor": 0, "rows": [], "eval_points": [], "eval_before": None,
-             "detail_before": None, "kl_coef": kl_ctl.value, "score_moments": None, "bad_streak": 0,
-             "timing": {"generate": 0.0, "score": 0.0, "train": 0.0, "eval": 0.0}, "wall_s": 0.0, "config": config_out}
-    t_session = time.perf_counter()  # wall time = earlier sessions of this run (from the checkpoint) + this one
-    prompt_rng = torch.Generator().manual_seed(c["SEED"])  # the same prompt order on every rank
-
-    def run_eval(step):
-        t0 = time.perf_counter()
-        with autocast(device, dtype):
-            res, detail = evaluate(actor, ref, scorer, tok, stop_ids, eval_prompts, c, device, gold, c["SEED"] + 1, fsdp)
-        state["timing"]["eval"] += time.perf_counter() - t0
-        detail["prompts"] = [p[0] for p in eval_prompts]
-        return dict(res, step=step), detail
-
-    resume_path, move_aside = choose_checkpoint(c, ckpt_dir, log)
-    if resume_path:
-        saved = read_checkpoint(resume_path, "state.pt")
-        load_trained_state(actor, critic, optimizer, saved["models"], saved["optimizer"], fsdp)
-        state.update({k: saved[k] for k in state if k != "config"})
-        kl_ctl.value = state["kl_coef"]
-        if score_moments is not None and state["score_moments"]:
-            score_moments.__dict__.update(state["score_moments"])
-        set_rng_state(saved["rng"][rank], prompt_rng)
-        log(f"resuming from {resume_path}: step {state['step']}, β {kl_ctl.value:.4f}")
-        if state["step"] >= c["TOTAL_STEPS"]:
-            log(f"the run in {c['OUTPUT_DIR']} already has {state['step']} steps (TOTAL_STEPS = {c['TOTAL_STEPS']}); "
-                f"extend it with --total_steps=N, or start over with --resume=never")
-            return None
-    else:
-        torch.manual_seed(c["SEED"] + rank)  # each rank samples its own replies
-        if eval_prompts:  # before anything is written: a failing gold file leaves earlier outputs intact
-            state["eval_before"], state["detail_before"] = run_eval(0)
-            state["eval_points"].append(state["eval_before"])
-            log("eval before:", json.dumps({k: round(v, 3) for k, v in state["eval_before"].items()}))
-
-    # from here on the run writes into OUTPUT_DIR
-    if master:
-        if move_aside:
-            aside = f"{ckpt_dir}_before_{time.strftime('%Y%m%d-%H%M%S')}"
-            os.replace(ckpt_dir, aside)
-            log(f"note: the earlier checkpoints are kept in {aside}")
-        atomic_write(os.path.join(metrics_dir, "config.json"),
-                     lambda f: json.dump({"config": config_out, "derived": derived}, f, indent=1))
-        if not resume_path and os.path.exists(samples_path):
-            os.remove(samples_path)
-        csv_file = open(csv_path + ".tmp", "w", newline="", encoding="utf-8")  # the rows so far, then appended
-        writer = None
-        if state["rows"]:
-            writer = csv.DictWriter(csv_file, fieldnames=list(state["rows"][0]))
-            writer.writeheader()
-            writer.writerows(state["rows"])
-            csv_file.flush()
-        os.replace(csv_path + ".tmp", csv_path)
-    stop = StopFlag(log)
-    last_saved = state["step"] if resume_path else -1
-
-    def tick():
-        nonlocal t_session
-        now = time.perf_counter()
-        state["wall_s"] += now - t_session
-        t_session = now
-
-    def checkpoint():
-        tick()
-        state["kl_coef"] = kl_ctl.value
-        state["score_moments"] = dict(score_moments.__dict__) if score_moments is not None else None
-        return save_checkpoint(ckpt_dir, c["KEEP_CHECKPOINTS"], state["step"], actor, critic, optimizer, state,
-                               prompt_rng, fsdp, master)
-
-    bar = tqdm(range(state["step"] + 1, c["TOTAL_STEPS"] + 1), desc="PPO", dynamic_ncols=True, disable=not master,
-               initial=state["step"], total=c["TOTAL_STEPS"])
-    for step in bar:
-        t_step = time.perf_counter()
-        if state["cursor"] + rollout_batch > len(state["order"]):  # a fresh shuffle of the prompts each pass
-            state["order"], state["cursor"] = torch.randperm(len(prompts), generator=prompt_rng).tolist(), 0
-        cursor = state["cursor"]
-        batch_prompts = [prompts[i] for i in state["order"][cursor + rank * per_rank:cursor + (rank + 1) * per_rank]]
-        state["cursor"] += rollout_batch
-
-        # steps 1-6: rollout, truncate, logprobs/values, scores, KL-shaped rewards, GAE
-        beta = kl_ctl.value
-        with autocast(device, dtype):
-            batch = rollout(actor, ref, critic, scorer, tok, stop_ids, batch_prompts, c, device, beta, score_moments, fsdp)
-        # step 7: PPO epochs over minibatches; a batch with a non-finite score is not trained on
-        t0 = time.perf_counter()
-        scores_ok = all_reduce_sum(torch.isfinite(batch["scores"]).all().logical_not().float()).item() == 0
-        if scores_ok:
-            with autocast(device, dtype):
-                mb_stats = ppo_update(actor_train, critic_train, optimizer, params, batch, c)
-        else:
-            mb_stats = [dict({k: float("nan") for k in UPDATE_STATS}, **{"policy/grad_norm": float("nan"),
-                                                                           "train/skipped_frac": 1.0})]
-        t_train = time.perf_counter() - t0
-        # step 8: log; β from this batch's mean KL per reply, over all ranks (once per step, after the epochs: OAI)
-        row = step_metrics(step, rollout_batch, batch, mb_stats, beta, gold, batch_prompts, optimizer, t_train)
-        row["train/bad_scores"] = float(not scores_ok)
-        if math.isfinite(row["objective/kl"]):
-            kl_ctl.update(row["objective/kl"], rollout_batch)
-        if dist_on():  # every rank must hold the same β and (DDP) the same weights; FSDP shards differ by design
-            seen = all_gather_list([(kl_ctl.value, None if fsdp else params_checksum([actor, critic]))])
-            row["dist/ranks_in_sync"] = float(all(x == seen[0] for x in seen))
-        for k, key in (("generate", "time/generate_s"), ("score", "time/score_s"), ("train", "time/train_s")):
-            state["timing"][k] += row[key]
-        if eval_prompts and c["EVAL_EVERY"] and step % c["EVAL_EVERY"] == 0 and step < c["TOTAL_STEPS"]:
-            ev, _ = run_eval(step)
-            state["eval_points"].append(ev)
-            row.update({"eval/rm_score": ev["rm_score"], "eval/gold_score": ev.get("gold_score", float("nan")),
-                        "eval/kl": ev["kl"]})
-        row["time/step_s"] = time.perf_counter() - t_step  # the whole step: phases, metrics, gold, evaluation
-        state["rows"].append(row)
-        state["step"] = step
-        bad = not scores_ok or row["train/skipped_frac"] > 0
-        state["bad_streak"] = state["bad_streak"] + 1 if bad else 0
-        if master:
-            if writer is None:  # append row by row: a crash loses at most the step in flight
-                writer = csv.DictWriter(csv_file, fieldnames=list(row))
-                writer.writeheader()
-            writer.writerow(row)
-            csv_file.flush()
-            if c["SAMPLE_EVERY"] and (step == 1 or step % c["SAMPLE_EVERY"] == 0):
-                with open(samples_path, "a", encoding="utf-8") as f:
-                    for p, r, sc in list(zip(batch_prompts, batch["replies"], batch["scores"].tolist()))[:4]:
-                        f.write(json.dumps({"step": step, "prompt": p[0], "reply": r, "score": round(sc, 4)}) + "\n")
-            bar.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{row['objective/kl']:.2f}",
-                            beta=f"{beta:.3f}", **({"gold": f"{row['objective/gold_scores']:.2f}"} if gold else {}))
-        if state["bad_streak"] >= c["MAX_BAD_STEPS"]:
-            stop.restore()
-            kept = list_checkpoints(ckpt_dir)
-            raise TrainingDiverged(
-                f"{state['bad_streak']} PPO steps in a row had a non-finite score, loss or gradient (step {step}); "
-                f"the last good checkpoint is {kept[-1] if kept else 'none'}: lower LEARNING_RATE or check the "
-                f"reward model, then resume")
-        interrupted = stop.any_rank()
-        if not bad and (interrupted or step == c["TOTAL_STEPS"] or (c["SAVE_EVERY"] and step % c["SAVE_EVERY"] == 0)):
-            checkpoint()
-            last_saved = step
-            if master and not interrupted and step < c["TOTAL_STEPS"]:
-                write_reports(build_summary("running", state, c, derived, notes, models, data, files), state,
-                              metrics_dir, c)
-        if interrupted:
-            break
-    bar.close()
-    stop.restore()
-    if master:
-        csv_file.close()
-
-    if stop.signum or state["step"] < c["TOTAL_STEPS"]:
-        log(f"interrupted after step {state['step']}; checkpoint {'saved' if last_saved == state['step'] else 'not saved'}"
-            f"; continue with: {resume_command(c)}")
-        if master:
-            tick()
-            summary = build_summary("interrupted", state, c, derived, notes, models, data, files)
-            summary["interrupted_by"] = signal.Signals(stop.signum).name if stop.signum else None
-            write_reports(summary, state, metrics_dir, c)
-        return {"status": "interrupted", "signum": stop.signum}
-    eval_after, detail_after = None, None
-    if eval_prompts:
-        eval_after, detail_after = run_eval(c["TOTAL_STEPS"])
-        state["eval_points"].append(eval_after)
-        log("eval after: ", json.dumps({k: round(v, 3) for k, v in eval_after.items()}))
-    if c["SAVE_MODEL"]:
-        save_models(actor, critic, tok, stop_ids, model_dir, master)
-    if dist_on():
-        torch.distributed.barrier()
-    if not master:
-        return None
-    tick()
-    summary = build_summary("finished", state, c, derived, notes, models, data, files, eval_after, detail_after)
-    write_reports(summary, state, metrics_dir, c)
-    log("health:\n  " + "\n  ".join(summary["health"]))
-    log(f"done in {summary['wall_time_s']:.0f}s; read {metrics_dir}/summary.json, then training_curves.png, then "
-        f"training_metrics.csv")
-    return summary
+def print_help(config):
+    print(__doc__.split("\n\n")[0] + "\n\nSettings (--name=value; the default follows each name):")
+    comments = config_comments()
+    for k in CONFIG_KEYS:
+        print(f"  --{k.lower():<22} {config[k]!r:<28} {comments.get(k, '')}")
 
 
 def resolve_config(argv):
@@ -1828,5 +1981,106 @@ def main(argv):
             torch.distributed.destroy_process_group()
 
 
+def leave(code):
+    """End the process with exit code `code`. A torchrun worker ends without the interpreter's finalization: when
+    Python finalizes, any other thread that asks for the GIL is ended by CPython on the spot, and gloo's worker
+    threads can still be dropping the last collective's tensors (which needs the GIL). A thread ended inside a C++
+    destructor is std::terminate: SIGABRT, "terminate called without an active exception", the whole torchrun
+    failed, in about 1 of 100 runs of the torchrun tests here (issue 15; the rank that exits right after the final
+    barrier, while rank 0 still writes its reports). Every file the run writes is closed before this point."""
+    if "RANK" in os.environ:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+# ---- distributed: under torchrun every reduction spans all ranks; in one process each is the identity ---------------
+def dist_on():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size():
+    return torch.distributed.get_world_size() if dist_on() else 1
+
+
+def all_reduce_sum(t):
+    if dist_on():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_mean(values):
+    """{name: float} averaged over ranks, so every rank logs (and acts on) the same numbers."""
+    if not dist_on():
+        return values
+    keys = list(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = all_reduce_sum(t.to(DIST_DEVICE)) / torch.distributed.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def all_gather_list(items):
+    """Concatenate a Python list across ranks, in rank order."""
+    if not dist_on():
+        return items
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+DIST_DEVICE = torch.device("cpu")  # where collectives run: the rank's GPU under NCCL, set in train()
+
+
+def setup_distributed(c):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (nanoGPT-style detection); a plain `python` run is one process.
+    Returns (rank, world, device)."""
+    global DIST_DEVICE
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(c["DEVICE"])
+    if c["DISTRIBUTED"] not in ("ddp", "fsdp"):
+        raise ConfigError(f"DISTRIBUTED = {c['DISTRIBUTED']!r} must be 'ddp' or 'fsdp'")
+    device = pick_device(c["DEVICE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    DIST_DEVICE = device if device.type == "cuda" else torch.device("cpu")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def wrap_for_training(actor, critic, c, device):
+    """Under torchrun: DDP (a full copy per rank, gradients all-reduced) or FSDP2 (fully_shard: parameters, gradients
+    and optimizer state sharded over ranks, each decoder layer gathered when used). Returns the modules the training
+    forward calls; rollout and evaluation call the plain (or, under FSDP, sharded) modules directly."""
+    if not dist_on():
+        return actor, critic
+    if c["DISTRIBUTED"] == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return (torch.nn.parallel.DistributedDataParallel(actor, device_ids=ids),
+                torch.nn.parallel.DistributedDataParallel(critic, device_ids=ids))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for root, hf_model in ((actor, actor), (critic, critic.model)):
+        layer_classes = set(getattr(hf_model, "_no_split_modules", None) or [])
+        for m in hf_model.modules():
+            if type(m).__name__ in layer_classes:
+                fully_shard(m, mesh=mesh)
+        fully_shard(root, mesh=mesh)
+    return actor, critic
+
+
+def params_checksum(modules):
+    """One number per rank that differs when the ranks' parameters differ (DDP must keep them identical): the sum of
+    every parameter's bit patterns read as integers, wrapping around. Integer sums do not depend on the order of the
+    reduction, so equal weights give equal sums on any kernel, and a one-ulp change shows. No copy is made (an fp64
+    sum copies each tensor first: 4.4 GB for a 7B model's embedding)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    with torch.no_grad():
+        sums = [p.detach().reshape(-1).view(ints[p.element_size()]).sum(dtype=ints[p.element_size()]).long()
+                for m in modules for p in m.parameters()]
+        return sum(torch.stack(sums).tolist())
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]))

@@ -8,6 +8,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "code"))
 sys.path.insert(0, os.path.join(ROOT, "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SFT, RM = os.path.join(ROOT, "data/models/demo-sft"), os.path.join(ROOT, "data/models/demo-rm")
+
+# The one small run the tests share: the demo world, short steps on the CPU. Tests override what they need.
+SMALL = dict(ACTOR_MODEL=SFT, REWARD_MODEL=RM, PROMPT_FILE=os.path.join(ROOT, "data/ppo_prompts.json"),
+             EVAL_FILE=os.path.join(ROOT, "data/ppo_eval.json"), GOLD_REWARD=os.path.join(ROOT, "data/demo_gold_reward.py"),
+             MINI_BATCH_SIZE=4, PPO_BUFFER_SIZE=1, PPO_EPOCHS=2, MAX_NEW_TOKENS=12, EVAL_SIZE=8, EVAL_EVERY=0,
+             DEVICE="cpu", SAVE_MODEL=False)
+
+
+def make_config(out=None, **overrides):
+    """The small run as a config dict for ppo.train (OUTPUT_DIR = out), with overrides."""
+    import ppo
+    c = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
+    c.update(SMALL, **({"OUTPUT_DIR": str(out)} if out is not None else {}))
+    c.update(overrides)
+    return c
+
+
+def make_args(**overrides):
+    """The small run as --name=value arguments for code/ppo.py, with overrides."""
+    return [f"--{k.lower()}={v}" for k, v in dict(SMALL, **overrides).items()]
 
 # chat templates in the shapes the families' repositories ship (shortened; the turn-ending tokens are the point)
 LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"

@@ -197,3 +197,15 @@ def test_params_checksum_sees_one_ulp_and_nothing_else():
         w = b[0].weight
         w[3, 7] = torch.nextafter(w[3, 7], torch.tensor(1.0))
     assert ppo.params_checksum([a]) != ppo.params_checksum([b])
+
+
+def test_whitening_keeps_its_precision_when_the_mean_dwarfs_the_spread():
+    """Moments in float64 from the start: float32 sums of x² lose a spread of 1e-2 around a mean of 1e3."""
+    torch.manual_seed(0)
+    x = (1000 + 0.01 * torch.randn(64, 64)).float()
+    mask = torch.rand(64, 64) > 0.2
+    x64 = x.double()[mask]
+    expected = (x64 - x64.mean()) / (x64.var(unbiased=False) + 1e-8).sqrt()
+    got = ppo.masked_whiten(x, mask)
+    assert got.dtype == torch.float32 and (got[mask].double() - expected).abs().max() < 1e-4
+    assert (got[~mask] == 0).all()

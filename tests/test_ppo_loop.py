@@ -1,6 +1,5 @@
 """Step-0 invariants of the PPO loop on the committed demo models (implementation details, 'step-0 suite')."""
 import copy
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -8,18 +7,13 @@ import torch
 
 import ppo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import make_config
+
 CPU = torch.device("cpu")
 
 
 def small_config(**kw):
-    c = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
-    c.update(ACTOR_MODEL=os.path.join(ROOT, "data/models/demo-sft"), REWARD_MODEL=os.path.join(ROOT, "data/models/demo-rm"),
-             PROMPT_FILE=os.path.join(ROOT, "data/ppo_prompts.json"), EVAL_FILE=os.path.join(ROOT, "data/ppo_eval.json"),
-             GOLD_REWARD=os.path.join(ROOT, "data/demo_gold_reward.py"), MINI_BATCH_SIZE=4, GRAD_ACCUM=2,
-             PPO_BUFFER_SIZE=2, PPO_EPOCHS=2, MAX_NEW_TOKENS=24, DEVICE="cpu")
-    c.update(kw)
-    return c
+    return make_config(**dict(dict(GRAD_ACCUM=2, PPO_BUFFER_SIZE=2, MAX_NEW_TOKENS=24), **kw))
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +197,32 @@ def test_replies_end_at_any_of_the_stop_tokens(world):
     assert ((ppo.is_stop(resp, stops) & mask).sum(1) <= 1).all()     # nothing is kept after the first one
     assert (last == period).sum() >= 8 and ended.all()               # the extra stop token really ends replies
     assert all(r.count(".") <= 1 for r in batch["replies"])
+
+
+def test_gradient_accumulation_all_reduces_once_per_optimizer_step(world):
+    """Under DDP the gradient all-reduce runs in the last micro-batch of each optimizer step only (no_sync on the
+    others): counted with a comm hook on a one-process gloo group."""
+    c, tok, actor, ref, rm, critic, scorer, prompts = world
+    torch.manual_seed(0)
+    batch = ppo.rollout(actor, ref, critic, scorer, tok, [tok.eos_token_id], prompts[:4], c, CPU, beta=0.2)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        def reductions(grad_accum):
+            calls = []
+
+            def count(state, bucket):
+                calls.append(1)
+                fut = torch.futures.Future()
+                fut.set_result(bucket.buffer())
+                return fut
+            a, v = (torch.nn.parallel.DistributedDataParallel(copy.deepcopy(m)) for m in (actor, critic))
+            a.register_comm_hook(None, count), v.register_comm_hook(None, count)
+            params = list(a.parameters()) + list(v.parameters())
+            cfg = small_config(MINI_BATCH_SIZE=4 // grad_accum, GRAD_ACCUM=grad_accum, PPO_BUFFER_SIZE=1, PPO_EPOCHS=1)
+            stats = ppo.ppo_update(a, v, torch.optim.SGD(params, lr=0.0), params, batch, cfg)
+            assert len(stats) == grad_accum
+            return len(calls)
+        one, two = reductions(1), reductions(2)
+        assert one > 0 and two == one  # two micro-batches, one all-reduce of every bucket
+    finally:
+        torch.distributed.destroy_process_group()

@@ -1,26 +1,19 @@
 """Checkpoints as users bring them: tiny random models in the shapes of Llama-3, Mistral, Gemma 3 and OPT with their
 tokenizer quirks (no pad, pad == EOS, several stop ids, chat templates, a base model, learned positions), an encoder
 reward model, and what a user does with the saved models afterwards."""
-import os
-
 import pytest
 import torch
 
 import ppo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SFT, RM = os.path.join(ROOT, "data/models/demo-sft"), os.path.join(ROOT, "data/models/demo-rm")
+from conftest import SFT, make_config
+
 CPU = torch.device("cpu")
 
 
 def config(out, **kw):
-    c = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
-    c.update(REWARD_MODEL=RM, PROMPT_FILE=os.path.join(ROOT, "data/ppo_prompts.json"),
-             EVAL_FILE=os.path.join(ROOT, "data/ppo_eval.json"), EVAL_SIZE=4, GOLD_REWARD="", TOTAL_STEPS=2,
-             MINI_BATCH_SIZE=2, PPO_BUFFER_SIZE=1, PPO_EPOCHS=1, MAX_NEW_TOKENS=8, DEVICE="cpu", SAVE_EVERY=0,
-             OUTPUT_DIR=str(out))
-    c.update(kw)
-    return c
+    return make_config(out, **dict(dict(EVAL_SIZE=4, GOLD_REWARD="", TOTAL_STEPS=2, MINI_BATCH_SIZE=2, PPO_EPOCHS=1,
+                                        MAX_NEW_TOKENS=8, SAVE_EVERY=0, SAVE_MODEL=True), **kw))
 
 
 def assert_saved_models_work(out, stop_ids):

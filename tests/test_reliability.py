@@ -13,21 +13,10 @@ import torch
 
 import ppo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import RM, ROOT, SFT, make_args, make_config as config
+
 SCRIPT = os.path.join(ROOT, "code/ppo.py")
-SFT, RM = os.path.join(ROOT, "data/models/demo-sft"), os.path.join(ROOT, "data/models/demo-rm")
-SMALL = ["--mini_batch_size=4", "--ppo_buffer_size=1", "--ppo_epochs=2", "--max_new_tokens=12", "--eval_size=8",
-         "--eval_every=0", "--device=cpu", "--save_model=false"]
-
-
-def config(tmp_path, **kw):
-    c = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
-    c.update(ACTOR_MODEL=SFT, REWARD_MODEL=RM, PROMPT_FILE=os.path.join(ROOT, "data/ppo_prompts.json"),
-             EVAL_FILE=os.path.join(ROOT, "data/ppo_eval.json"), GOLD_REWARD=os.path.join(ROOT, "data/demo_gold_reward.py"),
-             MINI_BATCH_SIZE=4, PPO_BUFFER_SIZE=1, PPO_EPOCHS=2, MAX_NEW_TOKENS=12, EVAL_SIZE=8, EVAL_EVERY=0,
-             DEVICE="cpu", SAVE_MODEL=False, OUTPUT_DIR=str(tmp_path))
-    c.update(kw)
-    return c
+SMALL = make_args()
 
 
 def rows(out):

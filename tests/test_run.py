@@ -9,10 +9,10 @@ import pytest
 
 import ppo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, make_args
+
 SCRIPT = os.path.join(ROOT, "code/ppo.py")
-QUICK = ["--total_steps=3", "--mini_batch_size=4", "--ppo_buffer_size=1", "--ppo_epochs=2", "--max_new_tokens=16",
-         "--eval_size=8", "--eval_every=2", "--sample_every=1", "--device=cpu"]
+QUICK = make_args(TOTAL_STEPS=3, MAX_NEW_TOKENS=16, EVAL_EVERY=2, SAMPLE_EVERY=1, SAVE_MODEL=True)
 
 
 def run(args, cwd=ROOT):

@@ -11,8 +11,8 @@ import torch
 
 import ppo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RM = os.path.join(ROOT, "data/models/demo-rm")
+from conftest import RM, ROOT, make_config
+
 CPU = torch.device("cpu")
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
             "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}")
@@ -75,11 +75,8 @@ def test_chat_templates_and_retokenised_reward_equal_direct_scoring(llama_actor)
 
 
 def test_two_ppo_steps_with_llama_actor_and_foreign_reward_model(llama_actor, tmp_path):
-    c = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
-    c.update(ACTOR_MODEL=llama_actor, REWARD_MODEL=RM, PROMPT_FILE=os.path.join(ROOT, "data/ppo_prompts.json"),
-             EVAL_FILE=os.path.join(ROOT, "data/ppo_eval.json"), EVAL_SIZE=4, GOLD_REWARD="", TOTAL_STEPS=2,
-             MINI_BATCH_SIZE=4, PPO_BUFFER_SIZE=1, PPO_EPOCHS=1, MAX_NEW_TOKENS=8, DEVICE="cpu",
-             OUTPUT_DIR=str(tmp_path), SAVE_MODEL=False)
+    c = make_config(tmp_path, ACTOR_MODEL=llama_actor, EVAL_SIZE=4, GOLD_REWARD="", TOTAL_STEPS=2, PPO_EPOCHS=1,
+                    MAX_NEW_TOKENS=8)
     s = ppo.train(c)
     assert s["steps"] == 2 and s["models"]["reward_same_tokenizer"] is False
     assert s["models"]["critic"] == llama_actor and any("zero-initialised value head" in n for n in s["notes"])
@@ -131,18 +128,15 @@ def test_torchrun_fsdp2_trains_and_saves_full_models(tmp_path):
 def test_bf16_compute_with_gradient_checkpointing(tmp_path):
     """DTYPE=bfloat16 (autocast over fp32 master weights; frozen models stored in bf16) and gradient checkpointing
     (train mode in the update; dropout is off, so the first ratio is still 1)."""
-    c = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
-    c.update(ACTOR_MODEL=os.path.join(ROOT, "data/models/demo-sft"), REWARD_MODEL=RM,
-             PROMPT_FILE=os.path.join(ROOT, "data/ppo_prompts.json"), EVAL_FILE="", GOLD_REWARD="", TOTAL_STEPS=2,
-             MINI_BATCH_SIZE=4, PPO_BUFFER_SIZE=2, PPO_EPOCHS=1, MAX_NEW_TOKENS=8, DEVICE="cpu", DTYPE="bfloat16",
-             GRADIENT_CHECKPOINTING=True, OFFLOAD_FROZEN=True, OUTPUT_DIR=str(tmp_path), SAVE_MODEL=False)
+    c = make_config(tmp_path, EVAL_FILE="", GOLD_REWARD="", TOTAL_STEPS=2, PPO_BUFFER_SIZE=2, PPO_EPOCHS=1,
+                    MAX_NEW_TOKENS=8, DTYPE="bfloat16", GRADIENT_CHECKPOINTING=True, OFFLOAD_FROZEN=True)
     s = ppo.train(c)
     assert s["derived"]["dtype"] == "bfloat16" and s["steps"] == 2
     rows = list(csv.DictReader(open(tmp_path / "ppo_metrics/training_metrics.csv")))
     assert all(abs(float(r["objective/kl"])) < 1.0 for r in rows)  # bf16 reference vs autocast actor: close, not equal
-    tok, actor, ref, scorer, critic, _, _ = ppo.load_roles(c, CPU, torch.bfloat16)
-    assert next(actor.parameters()).dtype == torch.float32 and next(ref.parameters()).dtype == torch.bfloat16
-    assert actor.is_activation_checkpointing
+    roles = ppo.load_roles(c, CPU, torch.bfloat16)
+    assert next(roles.actor.parameters()).dtype == torch.float32 and next(roles.ref.parameters()).dtype == torch.bfloat16
+    assert roles.actor.is_activation_checkpointing
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
