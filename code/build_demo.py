@@ -206,9 +206,10 @@ def encode_pair(tok, prompt, reply, with_eos=True):
 
 
 def left_pad(rows):
-    """ppo.py's left padding as model inputs: (ids, attention_mask, position_ids); positions count real tokens only."""
+    """ppo.py's left padding as model inputs: (ids, attention_mask, position_ids); positions count real tokens only.
+    The mask as 0/1 integers, as the models were trained with (the same numbers as a boolean mask, up to rounding)."""
     ids, mask = ppo.left_pad(rows, ppo.PAD_ID, torch.device("cpu"))
-    return ppo.model_inputs(ids, mask), mask, ppo.position_ids_of(mask)
+    return ppo.model_inputs(ids, mask), mask.long(), ppo.position_ids_of(mask)
 
 
 def gpt2_config(tok, size, num_labels=None):

@@ -139,6 +139,8 @@ RESUMABLE_CHANGES = {"TOTAL_STEPS", "RESUME", "SAVE_EVERY", "KEEP_CHECKPOINTS", 
 #             github.com/OpenLMLab/MOSS-RLHF
 # MOSS        the same MOSS-RLHF code
 # LLaMA-Factory  github.com/hiyouga/LLaMA-Factory (its PPO stage and Alpaca conversion)
+# DeepSpeed   github.com/deepspeedai/DeepSpeed (mixed precision with fp32 master weights); nanoGPT
+#             github.com/karpathy/nanoGPT (torchrun detection)
 # Schulman    J. Schulman, "Approximating KL Divergence", joschu.net/blog/kl-approx.html; PPO: Schulman et al. 2017,
 #             "Proximal Policy Optimization Algorithms", arXiv:1707.06347; GAE: Schulman et al. 2015,
 #             "High-Dimensional Continuous Control Using Generalized Advantage Estimation", arXiv:1506.02438
@@ -377,32 +379,9 @@ def load_roles(c, device, dtype):
                  device, dtype)
 
 
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"DEVICE = {name!r} but CUDA is not available here; use --device=cpu or --device=auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("DEVICE = 'mps' but MPS is not available here; use --device=cpu or --device=auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"DEVICE = {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
-
-
 def autocast(device, dtype):
     """Forward passes in `dtype` (bf16 on GPUs) with fp32 weights; a no-op in fp32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
 
 
 def check_model_path(path, role):
@@ -1485,6 +1464,29 @@ class Run:
         self.log(f"done in {summary['wall_time_s']:.0f}s; read {self.metrics_dir}/summary.json, then "
                  f"training_curves.png, then training_metrics.csv")
         return summary
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"DEVICE = {name!r} but CUDA is not available here; use --device=cpu or --device=auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("DEVICE = 'mps' but MPS is not available here; use --device=cpu or --device=auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"DEVICE = {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
 
 
 def check_writable(output_dir, metrics_dir, rank):

@@ -134,8 +134,13 @@ def test_steps_of_nan_scores_stop_the_run_keeping_the_last_good_checkpoint(tmp_p
     real = ppo.RewardScorer.__call__
     monkeypatch.setattr(ppo.RewardScorer, "__call__",
                         lambda self, *a: real(self, *a) if a[0].shape[0] > 4 else torch.full((a[0].shape[0],), float("nan")))
-    with pytest.raises(ppo.TrainingDiverged, match=r"3 PPO steps in a row .*step_00000002"):
+    with pytest.raises(ppo.TrainingDiverged, match=r"3 PPO steps in a row .*step_00000002") as stopped:
         ppo.train(config(tmp_path, TOTAL_STEPS=10, EVAL_EVERY=0))
+    # the run closed its CSV on the way out (its frames are still alive in the traceback)
+    import gc
+    import io
+    assert stopped.traceback and not [f for f in gc.get_objects() if isinstance(f, io.TextIOWrapper)
+                                      and not f.closed and "training_metrics" in str(f.name)]
     r = rows(tmp_path)
     assert [float(x["train/bad_scores"]) for x in r] == [0, 0, 1, 1, 1]
     assert os.listdir(tmp_path / "checkpoints") == ["step_00000002"]
@@ -230,12 +235,12 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("make_args,needle", BAD, ids=[b[1] for b in BAD])
-def test_bad_input_leaves_earlier_outputs_intact(make_args, needle, finished_run, bad_files):
+@pytest.mark.parametrize("bad_args,needle", BAD, ids=[b[1] for b in BAD])
+def test_bad_input_leaves_earlier_outputs_intact(bad_args, needle, finished_run, bad_files):
     before = snapshot(finished_run)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, SCRIPT, f"--output_dir={finished_run}", "--total_steps=3"] + SMALL
-                       + make_args(bad_files), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+                       + bad_args(bad_files), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr[-2000:]
