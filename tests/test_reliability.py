@@ -139,7 +139,7 @@ def test_steps_of_nan_scores_stop_the_run_keeping_the_last_good_checkpoint(tmp_p
     # the run closed its CSV on the way out (its frames are still alive in the traceback)
     import gc
     import io
-    assert stopped.traceback and not [f for f in gc.get_objects() if isinstance(f, io.TextIOWrapper)
+    assert stopped.traceback and not [f for f in gc.get_objects() if type(f) is io.TextIOWrapper
                                       and not f.closed and "training_metrics" in str(f.name)]
     r = rows(tmp_path)
     assert [float(x["train/bad_scores"]) for x in r] == [0, 0, 1, 1, 1]
