@@ -35,6 +35,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 import matplotlib
 import numpy as np
@@ -90,6 +91,10 @@ DTYPE = "auto"                           # "auto" = bfloat16 on a GPU that suppo
 GRADIENT_CHECKPOINTING = False           # recompute activations in the backward of actor and critic: less memory, one more forward
 OFFLOAD_FROZEN = False                   # keep reference and reward model on the CPU between uses (frees GPU memory)
 DISTRIBUTED = "ddp"                      # under torchrun: "ddp" (a copy per GPU) or "fsdp" (FSDP2: shard actor and critic)
+# LoRA (needs peft): train low-rank adapters; the Reference and Reward model then share the trained models' weights
+LORA_R = 0                               # adapter rank; 0 = off: full fine-tuning of every weight (7B on one GPU: 16-64)
+LORA_ALPHA = 32                          # adapter scale: a layer's update is B·A·LORA_ALPHA/LORA_R
+LORA_TARGET_MODULES = "all-linear"       # layers given adapters: "all-linear" (every linear but the output head) or names, comma-separated
 # evaluation
 EVAL_FILE = "data/ppo_eval.json"         # held-out prompts, same format; "" = no evaluation
 EVAL_EVERY = 50                          # evaluate every this many steps (and before and after training; 0 = only those)
@@ -316,18 +321,21 @@ def repetition_rate(tokens):
 @dataclasses.dataclass
 class Roles:
     """The four roles of PPO-RLHF, ready to run: Actor (trained), Reference (frozen), Reward model (frozen, behind
-    its scorer), Critic (trained), with the actor's tokenizer and stop tokens. The run adds what trains them: the
-    modules the training forward calls (DDP/FSDP-wrapped under torchrun), their parameters and the optimizer."""
+    its scorer), Critic (trained), with the actor's tokenizer and stop tokens. Under LoRA, `adapters` holds the peft
+    models of actor and critic, and a frozen role may be a trained one with its adapters off (AdaptersOff). The run
+    adds what trains them: the modules the training forward calls (DDP/FSDP-wrapped under torchrun), their trainable
+    parameters and the optimizer."""
     tok: object
     stop_ids: list
     actor: torch.nn.Module
-    ref: torch.nn.Module
+    ref: object
     scorer: object
     critic: torch.nn.Module
     critic_path: str
     notes: list
     device: torch.device
     dtype: torch.dtype
+    adapters: dict = dataclasses.field(default_factory=dict)
     actor_train: torch.nn.Module = None
     critic_train: torch.nn.Module = None
     params: list = None
@@ -337,17 +345,27 @@ class Roles:
 
 def load_roles(c, device, dtype):
     """The four roles: Actor (trained), Reference (frozen), Reward (frozen), Critic (trained), as Roles.
-    Mixed precision as OpenRLHF/DeepSpeed do it: the trained
-    models hold fp32 weights (an update of lr 1e-6 vanishes in bf16 weights) and compute in `dtype` under autocast;
-    the frozen models are stored in `dtype`."""
+    Mixed precision as OpenRLHF/DeepSpeed do it: what trains holds fp32 weights (an update of lr 1e-6 vanishes in
+    bf16 weights) and computes in `dtype` under autocast; the frozen models are stored in `dtype`.
+    LoRA (LORA_R > 0): only adapters (and the critic's value head) train, in fp32; the frozen base weights of actor
+    and critic are stored in `dtype`, and four roles live in two models: the Reference is the actor with its adapters
+    off (when REF_MODEL is the actor's path), the Reward model the critic with its adapters off (when the critic
+    defaults to the reward model). Explicit REF_MODEL / CRITIC_MODEL paths load separately."""
     ref_path = c["REF_MODEL"] or c["ACTOR_MODEL"]
     frozen_device = torch.device("cpu") if c["OFFLOAD_FROZEN"] else device
+    lora = c["LORA_R"] > 0
     tok, notes = load_tokenizer(c["ACTOR_MODEL"], "ACTOR_MODEL")
     rm_tok, rm_notes = load_tokenizer(c["REWARD_MODEL"], "REWARD_MODEL")
-    fp32 = torch.float32  # trained models keep fp32 master weights; DTYPE is their compute dtype (autocast)
-    actor = load_model("causal", c["ACTOR_MODEL"], "ACTOR_MODEL", device, fp32)
+    fp32 = torch.float32  # trained weights stay fp32 (master weights); DTYPE is the compute dtype (autocast)
+    base_dtype = dtype if lora else fp32  # the dtype of a trained model's weights: under LoRA its base is frozen
+    actor = load_model("causal", c["ACTOR_MODEL"], "ACTOR_MODEL", device, base_dtype)
     check_tokenizer_fits(tok, actor, c["ACTOR_MODEL"], "ACTOR_MODEL")
-    ref = freeze(load_model("causal", ref_path, "REF_MODEL", frozen_device, dtype))
+    adapters = {"actor": Adapter(add_adapters(actor, c, "CAUSAL_LM"), lambda: load_model(
+        "causal", c["ACTOR_MODEL"], "ACTOR_MODEL", torch.device("cpu"), base_dtype))} if lora else {}
+    if lora and ref_path == c["ACTOR_MODEL"]:  # the SFT weights are the actor's base: no second copy
+        ref = AdaptersOff(actor, adapters["actor"].peft)
+    else:
+        ref = freeze(load_model("causal", ref_path, "REF_MODEL", frozen_device, dtype))
     rm = freeze(load_model("reward", c["REWARD_MODEL"], "REWARD_MODEL", frozen_device, dtype, label=c["REWARD_LABEL"]))
     check_tokenizer_fits(rm_tok, rm.model, c["REWARD_MODEL"], "REWARD_MODEL")
     scorer = RewardScorer(rm, rm_tok, tok, device)
@@ -355,28 +373,37 @@ def load_roles(c, device, dtype):
     if not scorer.same_tokenizer and scorer.max_len and scorer.max_len < c["MAX_PROMPT_TOKENS"] + c["MAX_NEW_TOKENS"]:
         notes.append(f"the reward model reads at most {scorer.max_len} of its tokens: a longer conversation keeps its "
                      f"last {scorer.max_len} (a decoder) or is truncated by its tokenizer (an encoder)")
+    fresh = False  # whether the critic gets a new value head
     if c["CRITIC_MODEL"]:  # an explicit critic must read the actor's tokens
         critic_tok, _ = load_tokenizer(c["CRITIC_MODEL"], "CRITIC_MODEL")
         if critic_tok.get_vocab() != tok.get_vocab():
             raise ConfigError(f"CRITIC_MODEL {c['CRITIC_MODEL']!r} uses a different tokenizer from the actor; the critic "
                               f"values the actor's tokens, so give a value model with the actor's tokenizer, or "
                               f"--critic_model= for the default")
-        critic_path, critic = c["CRITIC_MODEL"], load_model("score", c["CRITIC_MODEL"], "CRITIC_MODEL", device, fp32)
+        critic_path = c["CRITIC_MODEL"]
+        critic = load_model("score", c["CRITIC_MODEL"], "CRITIC_MODEL", device, base_dtype)
     elif scorer.same_tokenizer and rm.model.config.num_labels == 1:  # default: a trained copy of the RM (N+, OpenRLHF)
-        critic_path, critic = c["REWARD_MODEL"], load_model("score", c["REWARD_MODEL"], "CRITIC_MODEL", device, fp32)
+        critic_path = c["REWARD_MODEL"]
+        # under LoRA the copy is the RM itself: its adapters and a trained copy of its score head make the critic
+        critic = rm.to(device) if lora else load_model("score", c["REWARD_MODEL"], "CRITIC_MODEL", device, fp32)
     else:  # the RM gives no value per actor token: the actor's weights with a fresh, zero value head (OAI)
-        critic_path = c["ACTOR_MODEL"]
-        critic = load_model("score", c["ACTOR_MODEL"], "CRITIC_MODEL", device, fp32, fresh_value_head=True)
+        critic_path, fresh = c["ACTOR_MODEL"], True
+        critic = load_model("score", c["ACTOR_MODEL"], "CRITIC_MODEL", device, base_dtype, fresh_value_head=True)
         why = ("the reward model is an encoder classifier, read through its own tokenizer and pooling" if rm.own_pooling
                else "the reward model's tokenizer differs from the actor's: replies are re-tokenised for it"
                if not scorer.same_tokenizer else "the reward model has several outputs")
         notes.append(f"{why}; the critic is the actor's weights with a new zero-initialised value head")
+    if lora:
+        adapters["critic"] = Adapter(add_adapters(critic.model, c, "SEQ_CLS"), lambda: load_model(
+            "score", critic_path, "CRITIC_MODEL", torch.device("cpu"), base_dtype, fresh_value_head=fresh).model)
+        if critic is rm:  # the judge is the critic's weights with its adapters off, its own score head included
+            scorer.model = AdaptersOff(rm, adapters["critic"].peft)
     critic.model.config.pad_token_id = tok.pad_token_id
     if c["GRADIENT_CHECKPOINTING"]:
         for m in (actor, critic.model):
             m.activation_checkpointing_enable({"use_reentrant": False})
     return Roles(tok, stop_token_ids(tok, actor, c["STOP_TOKENS"]), actor, ref, scorer, critic, critic_path, notes,
-                 device, dtype)
+                 device, dtype, adapters=adapters)
 
 
 def autocast(device, dtype):
@@ -465,6 +492,12 @@ def load_model(kind, path, role, device, dtype, fresh_value_head=False, label=""
     if kind != "causal" and archs and not fresh_value_head and not any("ForSequenceClassification" in a for a in archs):
         raise ConfigError(f"{role}: {path!r} is a {archs[0]}, not a sequence-classification model; give a reward "
                           f"model (...ForSequenceClassification)")
+    quantised = getattr(config, "quantization_config", None)
+    if quantised:
+        method = quantised.get("quant_method", "?") if isinstance(quantised, dict) else type(quantised).__name__
+        raise ConfigError(f"{role}: {path!r} is a quantised checkpoint ({method}); quantised bases (QLoRA's 4-bit, GPTQ, "
+                          f"AWQ) are not supported: give the full-precision model (--lora_r=16 trains it with LoRA "
+                          f"adapters over a frozen base stored in DTYPE)")
     if getattr(config, "activation_function", None) == "gelu_new":
         # GPT-2's gelu_new is the tanh approximation of GELU written as 8 Python-level ops; PyTorch's
         # F.gelu(approximate="tanh") computes the same function in one kernel (equal to ~1e-7): 15% of a demo step.
@@ -588,18 +621,77 @@ def freeze(model):
 
 
 def frozen_forward(model, fn, *args):
-    """fn(model, *args) for a frozen model, under inference_mode. A model kept on the CPU between uses
+    """fn(model, *args) for a frozen model, under inference_mode (no_grad for a trained model with its adapters off:
+    FSDP's gathered weights must not become inference tensors). A model kept on the CPU between uses
     (OFFLOAD_FROZEN) visits the inputs' device for the call. The result is cloned outside inference_mode so that
     later autograd ops may read it."""
     device = args[0].device
     visiting = next(model.parameters()).device != device
     if visiting:
         model.to(device)
-    with torch.inference_mode():
+    with torch.no_grad() if isinstance(model, AdaptersOff) else torch.inference_mode():
         out = fn(model, *args)
     if visiting:
         model.to("cpu")
     return out.clone()
+
+
+def add_adapters(model, c, task):
+    """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685) through peft,
+    in place: every base weight frozen, beside each targeted layer a trainable update B·A·(alpha/r) with B = 0 at the
+    start, so the adapted model is exactly the base model at step 0 (step-1 KL = 0); no LoRA dropout (no dropout
+    anywhere in PPO). task "SEQ_CLS" (the critic) also gives the model a trainable copy of its score head, the value
+    head, keeping the original for when the adapters are off. What trains is kept in fp32 (master weights) whatever
+    the base's dtype. Returns the PeftModel (adapters off, save, merge); `model` itself now runs with the adapters."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("LORA_R > 0 needs the peft package: pip install peft (or --lora_r=0 for full "
+                          "fine-tuning)") from None
+    names = c["LORA_TARGET_MODULES"]
+    targets = names if names == "all-linear" else [n.strip() for n in names.split(",") if n.strip()]
+    config = peft.LoraConfig(r=c["LORA_R"], lora_alpha=c["LORA_ALPHA"], lora_dropout=0.0, target_modules=targets,
+                             bias="none", task_type=task)
+    with warnings.catch_warnings():  # GPT-2's Conv1D layers store weights transposed; peft notes it and adapts
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        try:
+            peft_model = peft.get_peft_model(model, config)
+        except ValueError as e:  # names that match no layer of this model
+            raise ConfigError(f"LORA_TARGET_MODULES {names!r}: {first_line(e)}; give layer names of this model "
+                              f"(e.g. q_proj,v_proj for Llama, c_attn for GPT-2) or all-linear") from None
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return peft_model
+
+
+@dataclasses.dataclass
+class Adapter:
+    """A trained model's LoRA adapters: its peft model, and how to load its base again (to save it merged)."""
+    peft: object
+    load_base: object
+
+
+class AdaptersOff:
+    """A frozen role that shares a trained role's weights under LoRA: the trained model called with its adapters
+    switched off (peft's disable_adapter), which is exactly the base it started from, original score head included.
+    The Reference is the actor without its adapters, the Reward model the critic without its adapters: no second
+    copy in memory. Everything but the call (config, parameters(), ...) reads through to the wrapped module."""
+
+    def __init__(self, module, peft_model):
+        self.module, self.peft_model = module, peft_model
+
+    def __call__(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def trainable_parameters(modules):
+    """What the optimizer steps: every weight in full fine-tuning; adapters and the value head under LoRA."""
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
 def position_ids_of(attention_mask):
@@ -656,6 +748,11 @@ class ScoreModel(torch.nn.Module):
         return self.model.score(hidden[rows, positions])[..., self.index].float()
 
 
+def call(model, *args):
+    """model(*args), as a function for frozen_forward."""
+    return model(*args)
+
+
 def critic_values(critic, query_responses, attention_mask, context_length):
     """V_t, the value of the state *before* response token t: the same ctx-1:-1 slice as the logprobs (OAI, N+)."""
     return critic(query_responses, attention_mask, slice(context_length - 1, -1))
@@ -691,8 +788,7 @@ class RewardScorer:
 
     def __call__(self, query_responses, attention_mask, context_length, user_texts, replies, ended):
         if self.same_tokenizer:
-            return frozen_forward(self.model, ScoreModel.__call__, query_responses, attention_mask,
-                                  last_index(attention_mask))
+            return frozen_forward(self.model, call, query_responses, attention_mask, last_index(attention_mask))
         if self.model.own_pooling:
             kw = dict(padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
             if self.tok.chat_template:
@@ -700,13 +796,13 @@ class RewardScorer:
                                add_special_tokens=False, **kw)
             else:
                 enc = self.tok(list(user_texts), list(replies), **kw)
-            return frozen_forward(self.model, ScoreModel.__call__, enc["input_ids"].to(self.device),
+            return frozen_forward(self.model, call, enc["input_ids"].to(self.device),
                                   enc["attention_mask"].to(self.device), None,
                                   enc["token_type_ids"].to(self.device) if self.token_types and "token_type_ids" in enc
                                   else None)
         rows = [self.rm_ids(u, r, e) for u, r, e in zip(user_texts, replies, ended)]
         ids, mask = left_pad([r[-self.max_len:] if self.max_len else r for r in rows], PAD_ID, self.device)
-        return frozen_forward(self.model, ScoreModel.__call__, ids, mask, last_index(mask))
+        return frozen_forward(self.model, call, ids, mask, last_index(mask))
 
 
 def load_gold(path):
@@ -1167,6 +1263,8 @@ def check_config(c):
         raise ConfigError(f"KL_ESTIMATOR = {c['KL_ESTIMATOR']!r} must be 'k1' or 'k3'")
     if not 0 <= c["LAM"] <= 1 or not 0 <= c["GAMMA"] <= 1:
         raise ConfigError("GAMMA and LAM must lie in [0, 1]")
+    if c["LORA_R"] < 0 or not c["LORA_ALPHA"] > 0:
+        raise ConfigError(f"LORA_R = {c['LORA_R']} must be >= 0 (0 = off) and LORA_ALPHA = {c['LORA_ALPHA']} > 0")
     if c["DTYPE"] not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"DTYPE = {c['DTYPE']!r} must be auto, float32, bfloat16 or float16")
 
@@ -1216,7 +1314,7 @@ class Run:
         self.roles = roles = load_roles(c, self.device, self.dtype)
         roles.actor_train, roles.critic_train = wrap_for_training(roles.actor, roles.critic, c, self.device)
         roles.fsdp = dist_on() and c["DISTRIBUTED"] == "fsdp"
-        roles.params = list(roles.actor_train.parameters()) + list(roles.critic_train.parameters())
+        roles.params = trainable_parameters([roles.actor_train, roles.critic_train])
         # one AdamW over actor and critic, as N+ and TRL-new (PolicyAndValueWrapper): one step, one gradient clip;
         # fused: one kernel for all parameters instead of a loop over tensors (4x faster on the demo's CPU step)
         roles.optimizer = torch.optim.AdamW(roles.params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"],
@@ -1271,13 +1369,23 @@ class Run:
             self.log("note:", n)
         self.log("stop tokens (a reply ends at any):",
                  ", ".join(f"{tok.convert_ids_to_tokens(i)!r} ({i})" for i in roles.stop_ids))
+        trained = sum(p.numel() for p in roles.params)
+        lora = f" (LoRA rank {c['LORA_R']}: adapters and value head)" if roles.adapters else ""
+        shared = [f"{name} = {of} with its adapters off" for name, role, of in
+                  (("reference", roles.ref, "actor"), ("reward", roles.scorer.model, "critic"))
+                  if isinstance(role, AdaptersOff)]
         self.log(f"models: actor {roles.actor.num_parameters():,} params, critic {roles.critic.model.num_parameters():,}"
+                 f"; trained {trained:,}{lora}"
                  f", reward model {'same tokenizer' if roles.scorer.same_tokenizer else 'own tokenizer (re-tokenising replies)'}"
                  f"{', own pooling' if roles.scorer.model.own_pooling else ''}; "
                  f"prompts: {len(self.prompts)} train, {len(self.eval_prompts)} eval")
+        for line in shared:
+            self.log(f"note: the {line} (LoRA: one model in memory for both roles)")
         self.models = {"actor": c["ACTOR_MODEL"], "reference": ref_path, "reward": c["REWARD_MODEL"],
                        "critic": roles.critic_path, "actor_params": roles.actor.num_parameters(),
-                       "critic_params": roles.critic.model.num_parameters(),
+                       "critic_params": roles.critic.model.num_parameters(), "trained_params": trained,
+                       "lora": {"r": c["LORA_R"], "alpha": c["LORA_ALPHA"], "target_modules": c["LORA_TARGET_MODULES"],
+                                "shared": shared} if roles.adapters else None,
                        "reward_same_tokenizer": roles.scorer.same_tokenizer,
                        "reward_own_pooling": roles.scorer.model.own_pooling,
                        "stop_tokens": {tok.convert_ids_to_tokens(i): i for i in roles.stop_ids}}
@@ -1519,23 +1627,30 @@ def set_rng_state(state, prompt_rng):
 
 
 def trained_state(roles):
-    """(model state, optimizer state) of actor + critic; under FSDP gathered in full to the CPU (a collective)."""
+    """(model state, optimizer state) of what trains: actor + critic, under LoRA their adapters and value head only
+    (the frozen base is the model on disk). Under FSDP gathered in full to the CPU (a collective)."""
     pair = torch.nn.ModuleDict({"actor": roles.actor, "critic": roles.critic})
     if not roles.fsdp:
-        return pair.state_dict(), roles.optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(pair, roles.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model_state, optim_state = pair.state_dict(), roles.optimizer.state_dict()
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        model_state, optim_state = get_state_dict(pair, roles.optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if roles.adapters:
+        trained = {name for name, p in pair.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trained}
+    return model_state, optim_state
 
 
 def load_trained_state(roles, model_state, optim_state):
     pair = torch.nn.ModuleDict({"actor": roles.actor, "critic": roles.critic})
     if not roles.fsdp:
-        pair.load_state_dict(model_state)
+        pair.load_state_dict(model_state, strict=not roles.adapters)  # LoRA: the frozen base is not in the file
         roles.optimizer.load_state_dict(optim_state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     set_state_dict(pair, roles.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))
+                   options=StateDictOptions(full_state_dict=True, strict=not roles.adapters))
 
 
 def list_checkpoints(ckpt_dir):
@@ -1651,18 +1766,30 @@ def resume_command(c):
 def save_models(roles, model_dir, master):
     """save_pretrained of actor and critic, each beside the actor's tokenizer, as models a user loads and runs as they
     are: the tokenizer as loaded (its pad a real token), the actor's generation_config ending replies at the run's
-    stop tokens, no id of the trainer's own. Under FSDP the full weights are gathered to rank 0 first."""
+    stop tokens, no id of the trainer's own. Under FSDP the full weights are gathered to rank 0 first.
+    Under LoRA the adapters are saved in peft's format (actor_adapter, critic_adapter: PeftModel.from_pretrained on
+    the base model) and actor and critic as plain models: the base loaded again on the CPU with the saved adapters
+    merged in (W + B·A·alpha/r, in the base's dtype), so the saved model is the saved adapter by construction."""
     actor, tok, stop_ids = roles.actor, roles.tok, roles.stop_ids
     actor.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
     actor.generation_config.pad_token_id = tok.pad_token_id
     for name, m in (("actor", actor), ("critic", roles.critic.model)):
+        adapter = roles.adapters.get(name)
         state = None
         if roles.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            state = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if master:
-            m.save_pretrained(os.path.join(model_dir, name), state_dict=state)
-            tok.save_pretrained(os.path.join(model_dir, name))
+            state = get_model_state_dict(adapter.peft if adapter else m,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not master:
+            continue
+        if adapter:
+            from peft import PeftModel
+            folder = os.path.join(model_dir, f"{name}_adapter")
+            adapter.peft.save_pretrained(folder, state_dict=state)
+            m, state = PeftModel.from_pretrained(adapter.load_base(), folder).merge_and_unload(), None
+            m.generation_config, m.config.pad_token_id = actor.generation_config, tok.pad_token_id
+        m.save_pretrained(os.path.join(model_dir, name), state_dict=state)
+        tok.save_pretrained(os.path.join(model_dir, name))
 
 
 # ---- reporting: the metrics table, CSV rows, curves, summary with health verdicts -----------------------------------

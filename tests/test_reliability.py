@@ -196,12 +196,15 @@ def bad_files(tmp_path_factory):
         .save_pretrained(d / "t5")  # an encoder-decoder: AutoModelForCausalLM has no class for it
     # model folders as they arrive broken: weights only, custom code, a config that is not JSON, cut-off weights
     shutil.copytree(SFT, d / "no_tokenizer", ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
-    for name in ("remote_code", "bad_config", "truncated"):
+    for name in ("remote_code", "bad_config", "truncated", "quantised"):
         shutil.copytree(SFT, d / name)
     cfg = json.load(open(d / "remote_code/config.json"))
     cfg.update(model_type="acme_lm", architectures=["AcmeForCausalLM"],
                auto_map={"AutoConfig": "modeling_acme.AcmeConfig", "AutoModelForCausalLM": "modeling_acme.AcmeForCausalLM"})
     json.dump(cfg, open(d / "remote_code/config.json", "w"))
+    cfg = json.load(open(d / "quantised/config.json"))  # as a 4-bit checkpoint's config says it
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    json.dump(cfg, open(d / "quantised/config.json", "w"))
     (d / "bad_config/config.json").write_text('{"model_type": "gpt2", "n_embd": 64,')
     weights = (d / "truncated/model.safetensors").read_bytes()
     (d / "truncated/model.safetensors").write_bytes(weights[:len(weights) // 2])
@@ -232,6 +235,8 @@ BAD = [
     (lambda d: [f"--actor_model={d}/bad_config"], "is not valid JSON"),
     (lambda d: [f"--actor_model={d}/truncated"], "truncated or corrupt"),
     (lambda d: ["--stop_tokens=<|nope|>"], "not one token of the actor's tokenizer"),
+    (lambda d: [f"--actor_model={d}/quantised", "--lora_r=8"], "is a quantised checkpoint (bitsandbytes)"),
+    (lambda d: ["--lora_r=8", "--lora_target_modules=q_proj"], "LORA_TARGET_MODULES 'q_proj'"),
 ]
 
 

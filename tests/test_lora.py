@@ -1,0 +1,155 @@
+"""LoRA (LORA_R > 0, through peft): only adapters and the value head train, the frozen roles share the trained
+models' weights with the adapters off, the saved adapters and merged models agree, and resume stays exact."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ppo
+
+from conftest import RM, ROOT, SFT, make_config
+
+pytest.importorskip("peft", reason="the test command installs peft")  # CI installs it: this never skips there
+CPU = torch.device("cpu")
+LORA = dict(LORA_R=8, LORA_ALPHA=16, LEARNING_RATE=3e-3)  # a large rate, so that 2 steps move the adapters visibly
+
+
+def rows(out):
+    return list(csv.DictReader(open(os.path.join(out, "ppo_metrics/training_metrics.csv"))))
+
+
+def base_weights(model):
+    """The frozen base weights of a LoRA model under the plain model's names (peft inserts .base_layer)."""
+    return {n.replace(".base_layer", "").replace(".original_module", ""): p.detach().clone()
+            for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def test_adapters_train_alone_over_a_frozen_base_shared_by_the_frozen_roles(tmp_path):
+    c = make_config(tmp_path, TOTAL_STEPS=2, EVAL_FILE="", **LORA)
+    run = ppo.Run(c)
+    roles = run.roles
+    # four roles, two models: the reference is the actor with its adapters off, the reward model the critic
+    assert isinstance(roles.ref, ppo.AdaptersOff) and roles.ref.module is roles.actor
+    assert isinstance(roles.scorer.model, ppo.AdaptersOff) and roles.scorer.model.module is roles.critic
+    # only adapters and the (copied) value head are in the optimizer
+    named = {id(p): n for m in (roles.actor, roles.critic) for n, p in m.named_parameters()}
+    trained = [named[id(p)] for g in roles.optimizer.param_groups for p in g["params"]]
+    assert trained and all("lora_" in n or "modules_to_save" in n for n in trained)
+    assert any("score.modules_to_save" in n for n in trained)
+    assert all(p.dtype == torch.float32 for p in roles.params)
+    before = {"actor": base_weights(roles.actor), "critic": base_weights(roles.critic.model)}
+    with torch.no_grad():
+        plain_rm = ppo.load_model("reward", RM, "R", CPU, torch.float32)
+        plain_sft = ppo.load_model("causal", SFT, "S", CPU, torch.float32)
+    for step in (1, 2):
+        row, batch = ppo.ppo_step(roles, run.next_prompts(), 0.1, c, run.sizes)
+        if step == 1:  # adapters start as the identity: the policy is the reference (up to float rounding)
+            assert abs(row["objective/kl"]) < 1e-4
+    # the frozen base is unchanged bit for bit, and equal to the checkpoints on disk
+    for name, plain in (("actor", plain_sft), ("critic", plain_rm.model)):
+        after = base_weights(roles.actor if name == "actor" else roles.critic.model)
+        assert after.keys() == before[name].keys()
+        assert all(torch.equal(after[k], before[name][k]) for k in after)
+        disk = dict(plain.named_parameters())
+        assert all(torch.equal(after[k], disk[k]) for k in after if k in disk) and len(set(after) & set(disk)) > 10
+    lora_b = [p for n, p in roles.actor.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # the adapters did train
+    # the reward model and the reference are still exactly the SFT/RM checkpoints
+    ids, am, ctx = batch["query_responses"], batch["attention_mask"], batch["context_length"]
+    idx = ppo.last_index(am)
+    assert torch.equal(ppo.frozen_forward(roles.scorer.model, ppo.call, ids, am, idx),
+                       ppo.frozen_forward(plain_rm, ppo.call, ids, am, idx))
+    ref_lp = ppo.frozen_forward(roles.ref, ppo.response_logprobs, ids, am, ctx, 1.0)
+    assert torch.allclose(ref_lp, ppo.frozen_forward(plain_sft, ppo.response_logprobs, ids, am, ctx, 1.0), atol=1e-6)
+    actor_lp = ppo.frozen_forward(roles.actor, ppo.response_logprobs, ids, am, ctx, 1.0)
+    assert not torch.allclose(actor_lp, ref_lp, atol=1e-4)  # with the adapters on, the trained policy
+
+
+def test_saved_adapters_and_merged_models_agree_and_checkpoints_hold_what_trains(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    s = ppo.train(make_config(tmp_path, TOTAL_STEPS=2, EVAL_SIZE=4, SAVE_MODEL=True, **LORA))
+    assert s["models"]["lora"]["shared"] == ["reference = actor with its adapters off",
+                                             "reward = critic with its adapters off"]
+    assert s["models"]["trained_params"] < s["models"]["actor_params"] / 4
+    model_dir = tmp_path / "ppo_model"
+    assert sorted(os.listdir(model_dir)) == ["actor", "actor_adapter", "critic", "critic_adapter"]
+    ids = torch.tensor([[5, 17, 40, 41, 9, 88, 3, 1], [0, 0, 5, 30, 31, 12, 7, 2]])
+    am = (torch.arange(8) >= torch.tensor([[0], [2]])).long()
+    merged = AutoModelForCausalLM.from_pretrained(model_dir / "actor")  # a plain transformers model
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(SFT), model_dir / "actor_adapter")
+    sft = AutoModelForCausalLM.from_pretrained(SFT)
+    with torch.no_grad():
+        a, b, c = (m(input_ids=ids, attention_mask=am).logits for m in (merged, adapted, sft))
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
+    merged_critic = AutoModelForSequenceClassification.from_pretrained(model_dir / "critic")
+    adapted_critic = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(RM),
+                                               model_dir / "critic_adapter")
+    with torch.no_grad():
+        assert torch.allclose(merged_critic(input_ids=ids, attention_mask=am).logits,
+                              adapted_critic(input_ids=ids, attention_mask=am).logits, atol=1e-5)
+    # the checkpoint holds adapters, value head and optimizer, not the frozen base
+    state = torch.load(tmp_path / "checkpoints/step_00000002/state.pt", weights_only=False)
+    assert state["models"] and all("lora_" in k or "modules_to_save" in k for k in state["models"])
+
+
+def test_lora_resume_is_exact_and_works_with_bf16_and_gradient_checkpointing(tmp_path):
+    ppo.train(make_config(tmp_path / "a", TOTAL_STEPS=4, EVAL_FILE="", **LORA))
+    ppo.train(make_config(tmp_path / "b", TOTAL_STEPS=2, EVAL_FILE="", **LORA))
+    ppo.train(make_config(tmp_path / "b", TOTAL_STEPS=4, EVAL_FILE="", **LORA))
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        for k in x:
+            if not k.startswith("time/"):
+                assert float(x[k]) == pytest.approx(float(y[k]), abs=1e-6, nan_ok=True), (x["step"], k)
+    # bf16: the frozen base is stored in bf16, the adapters stay fp32 master weights
+    c = make_config(tmp_path / "bf16", TOTAL_STEPS=2, EVAL_FILE="", GOLD_REWARD="", MAX_NEW_TOKENS=8,
+                    DTYPE="bfloat16", GRADIENT_CHECKPOINTING=True, **LORA)
+    assert ppo.train(c)["steps"] == 2
+    roles = ppo.load_roles(c, CPU, torch.bfloat16)
+    frozen = [p for p in roles.actor.parameters() if not p.requires_grad]
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in roles.actor.parameters() if p.requires_grad)
+    assert roles.actor.is_activation_checkpointing
+
+
+def test_explicit_reference_and_critic_paths_load_separately(tmp_path):
+    c = make_config(tmp_path, TOTAL_STEPS=1, EVAL_FILE="", REF_MODEL=SFT + "/", CRITIC_MODEL=RM + "/", **LORA)
+    roles = ppo.load_roles(c, CPU, torch.float32)
+    assert not isinstance(roles.ref, ppo.AdaptersOff) and not isinstance(roles.scorer.model, ppo.AdaptersOff)
+    assert roles.critic is not roles.scorer.model and set(roles.adapters) == {"actor", "critic"}
+
+
+def test_lora_mistakes_are_one_clear_line(tmp_path, monkeypatch):
+    with pytest.raises(ppo.ConfigError, match="LORA_TARGET_MODULES 'nope'"):
+        ppo.load_roles(make_config(tmp_path, LORA_R=4, LORA_TARGET_MODULES="nope"), CPU, torch.float32)
+    with pytest.raises(ppo.ConfigError, match="LORA_R = -1"):
+        ppo.train(make_config(tmp_path, LORA_R=-1))
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    with pytest.raises(ppo.ConfigError, match="pip install peft"):
+        ppo.load_roles(make_config(tmp_path, LORA_R=4), CPU, torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_with_lora(mode, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "code/ppo.py"), "--total_steps=2", "--mini_batch_size=2", "--grad_accum=2",
+           "--ppo_buffer_size=1", "--ppo_epochs=2", "--max_new_tokens=12", "--eval_size=4", "--device=cpu",
+           "--lora_r=8", "--learning_rate=3e-3", f"--distributed={mode}", f"--output_dir={tmp_path}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = rows(tmp_path)
+    assert len(out) == 2 and all(float(x["dist/ranks_in_sync"]) == 1.0 for x in out)
+    assert abs(float(out[0]["objective/kl"])) < 1e-4
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo_model/actor")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(SFT), tmp_path / "ppo_model/actor_adapter")
+    ids = torch.tensor([[5, 17, 40, 41, 9, 88, 3, 1]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
