@@ -50,11 +50,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 # models: the four roles
 ACTOR_MODEL = "data/models/demo-sft"     # Actor (policy, trained): SFT causal LM, local path or hub name
 REF_MODEL = ""                           # Reference (frozen SFT copy for the KL leash); "" = ACTOR_MODEL
-REWARD_MODEL = "data/models/demo-rm"     # Reward model (frozen judge): any sequence-classification model
+REWARD_MODEL = "data/models/demo-rm"     # Reward model (frozen judge): any sequence-classification model, or a .py reward function
+REWARD_FN = ""                           # a .py file whose score(prompts, responses) is added to the reward (e.g. a format rule)
 REWARD_LABEL = ""                        # the reward model's output to use when it has several: index or label name
 CRITIC_MODEL = ""                        # Critic (value model, trained; its score head is the value head); "" = REWARD_MODEL
 # data
-PROMPT_FILE = "data/ppo_prompts.json"    # Alpaca JSON or JSONL: instruction (+ optional input); output is never trained on
+PROMPT_FILE = "data/ppo_prompts.json"    # JSON, JSONL or Parquet: Alpaca, chat messages, ShareGPT or prompt records; outputs never trained on
 MAX_PROMPT_TOKENS = 128                  # longer prompts are dropped, with a warning (7B: 512-1024)
 # generation
 MAX_NEW_TOKENS = 48                      # reply length limit in tokens (7B: 256-512)
@@ -81,6 +82,8 @@ SCORE_NORM = False                       # whiten RM scores with running mean/st
 SCORE_CLIP = 0.0                         # clip scores to ±this after normalisation (0 = off; PPO-max 10)
 # optimisation
 LEARNING_RATE = 3e-5                     # AdamW, actor and critic (7B: 1e-6)
+LR_SCHEDULE = "constant"                 # "constant", "linear" or "cosine" decay to 0 over the run's optimizer steps
+WARMUP_STEPS = 0                         # optimizer steps of linear warm-up from 0 before the schedule
 ADAM_EPS = 1e-5                          # AdamW ε (N+ and OAI use 1e-5; PyTorch default 1e-8)
 WEIGHT_DECAY = 0.0                       # AdamW weight decay
 MAX_GRAD_NORM = 1.0                      # clip the joint gradient norm of actor + critic (0 = off)
@@ -103,6 +106,7 @@ GOLD_REWARD = "data/demo_gold_reward.py" # file with score(prompts, responses) -
 # output
 OUTPUT_DIR = "output"                    # ppo_metrics/ and ppo_model/ go here
 SAMPLE_EVERY = 25                        # write a few rollout samples to samples.jsonl every this many steps
+REPORT_TO = "none"                       # also log to "tensorboard", "wandb" or "tensorboard,wandb" (rank 0; CSV as always)
 SAVE_MODEL = True                        # save the final actor and critic to OUTPUT_DIR/ppo_model/
 SAVE_EVERY = 50                          # checkpoint (models, optimizer, RNG, data position, metrics) every this many steps
 KEEP_CHECKPOINTS = 2                     # newest checkpoints kept in OUTPUT_DIR/checkpoints/
@@ -321,10 +325,11 @@ def repetition_rate(tokens):
 @dataclasses.dataclass
 class Roles:
     """The four roles of PPO-RLHF, ready to run: Actor (trained), Reference (frozen), Reward model (frozen, behind
-    its scorer), Critic (trained), with the actor's tokenizer and stop tokens. Under LoRA, `adapters` holds the peft
-    models of actor and critic, and a frozen role may be a trained one with its adapters off (AdaptersOff). The run
-    adds what trains them: the modules the training forward calls (DDP/FSDP-wrapped under torchrun), their trainable
-    parameters and the optimizer."""
+    its scorer), Critic (trained), with the actor's tokenizer and stop tokens. `scorer` gives a reply's reward: the
+    reward model's score (RewardScorer, also in `rm`), a reward function's (RewardFunction; `rm` None), or both
+    added (REWARD_FN). Under LoRA, `adapters` holds the peft models of actor and critic, and a frozen role may be a
+    trained one with its adapters off (AdaptersOff). The run adds what trains them: the modules the training forward
+    calls (DDP/FSDP-wrapped under torchrun), their trainable parameters, the optimizer and its LR schedule."""
     tok: object
     stop_ids: list
     actor: torch.nn.Module
@@ -335,11 +340,13 @@ class Roles:
     notes: list
     device: torch.device
     dtype: torch.dtype
+    rm: object = None
     adapters: dict = dataclasses.field(default_factory=dict)
     actor_train: torch.nn.Module = None
     critic_train: torch.nn.Module = None
     params: list = None
     optimizer: torch.optim.Optimizer = None
+    scheduler: object = None
     fsdp: bool = False
 
 
@@ -355,7 +362,6 @@ def load_roles(c, device, dtype):
     frozen_device = torch.device("cpu") if c["OFFLOAD_FROZEN"] else device
     lora = c["LORA_R"] > 0
     tok, notes = load_tokenizer(c["ACTOR_MODEL"], "ACTOR_MODEL")
-    rm_tok, rm_notes = load_tokenizer(c["REWARD_MODEL"], "REWARD_MODEL")
     fp32 = torch.float32  # trained weights stay fp32 (master weights); DTYPE is the compute dtype (autocast)
     base_dtype = dtype if lora else fp32  # the dtype of a trained model's weights: under LoRA its base is frozen
     actor = load_model("causal", c["ACTOR_MODEL"], "ACTOR_MODEL", device, base_dtype)
@@ -366,13 +372,22 @@ def load_roles(c, device, dtype):
         ref = AdaptersOff(actor, adapters["actor"].peft)
     else:
         ref = freeze(load_model("causal", ref_path, "REF_MODEL", frozen_device, dtype))
-    rm = freeze(load_model("reward", c["REWARD_MODEL"], "REWARD_MODEL", frozen_device, dtype, label=c["REWARD_LABEL"]))
-    check_tokenizer_fits(rm_tok, rm.model, c["REWARD_MODEL"], "REWARD_MODEL")
-    scorer = RewardScorer(rm, rm_tok, tok, device)
-    notes += rm_notes
-    if not scorer.same_tokenizer and scorer.max_len and scorer.max_len < c["MAX_PROMPT_TOKENS"] + c["MAX_NEW_TOKENS"]:
-        notes.append(f"the reward model reads at most {scorer.max_len} of its tokens: a longer conversation keeps its "
-                     f"last {scorer.max_len} (a decoder) or is truncated by its tokenizer (an encoder)")
+    rm = rm_model = None
+    if c["REWARD_MODEL"].endswith(".py"):  # a reward function (rule-based, "verifiable"): no reward model
+        scorer = RewardFunction(c["REWARD_MODEL"], "REWARD_MODEL", device)
+        if c["REWARD_FN"]:
+            scorer = RewardFunction(c["REWARD_FN"], "REWARD_FN", device, scorer)
+    else:
+        rm_tok, rm_notes = load_tokenizer(c["REWARD_MODEL"], "REWARD_MODEL")
+        rm_model = freeze(load_model("reward", c["REWARD_MODEL"], "REWARD_MODEL", frozen_device, dtype,
+                                     label=c["REWARD_LABEL"]))
+        check_tokenizer_fits(rm_tok, rm_model.model, c["REWARD_MODEL"], "REWARD_MODEL")
+        rm = RewardScorer(rm_model, rm_tok, tok, device)
+        notes += rm_notes
+        if not rm.same_tokenizer and rm.max_len and rm.max_len < c["MAX_PROMPT_TOKENS"] + c["MAX_NEW_TOKENS"]:
+            notes.append(f"the reward model reads at most {rm.max_len} of its tokens: a longer conversation keeps its "
+                         f"last {rm.max_len} (a decoder) or is truncated by its tokenizer (an encoder)")
+        scorer = RewardFunction(c["REWARD_FN"], "REWARD_FN", device, rm) if c["REWARD_FN"] else rm
     fresh = False  # whether the critic gets a new value head
     if c["CRITIC_MODEL"]:  # an explicit critic must read the actor's tokens
         critic_tok, _ = load_tokenizer(c["CRITIC_MODEL"], "CRITIC_MODEL")
@@ -382,28 +397,29 @@ def load_roles(c, device, dtype):
                               f"--critic_model= for the default")
         critic_path = c["CRITIC_MODEL"]
         critic = load_model("score", c["CRITIC_MODEL"], "CRITIC_MODEL", device, base_dtype)
-    elif scorer.same_tokenizer and rm.model.config.num_labels == 1:  # default: a trained copy of the RM (N+, OpenRLHF)
+    elif rm and rm.same_tokenizer and rm_model.model.config.num_labels == 1:  # default: a trained copy of the RM (N+)
         critic_path = c["REWARD_MODEL"]
         # under LoRA the copy is the RM itself: its adapters and a trained copy of its score head make the critic
-        critic = rm.to(device) if lora else load_model("score", c["REWARD_MODEL"], "CRITIC_MODEL", device, fp32)
+        critic = rm_model.to(device) if lora else load_model("score", c["REWARD_MODEL"], "CRITIC_MODEL", device, fp32)
     else:  # the RM gives no value per actor token: the actor's weights with a fresh, zero value head (OAI)
         critic_path, fresh = c["ACTOR_MODEL"], True
         critic = load_model("score", c["ACTOR_MODEL"], "CRITIC_MODEL", device, base_dtype, fresh_value_head=True)
-        why = ("the reward model is an encoder classifier, read through its own tokenizer and pooling" if rm.own_pooling
-               else "the reward model's tokenizer differs from the actor's: replies are re-tokenised for it"
-               if not scorer.same_tokenizer else "the reward model has several outputs")
+        why = ("the reward is a function, not a model" if rm is None
+               else "the reward model is an encoder classifier, read through its own tokenizer and pooling"
+               if rm_model.own_pooling else "the reward model's tokenizer differs from the actor's: replies are "
+               "re-tokenised for it" if not rm.same_tokenizer else "the reward model has several outputs")
         notes.append(f"{why}; the critic is the actor's weights with a new zero-initialised value head")
     if lora:
         adapters["critic"] = Adapter(add_adapters(critic.model, c, "SEQ_CLS"), lambda: load_model(
             "score", critic_path, "CRITIC_MODEL", torch.device("cpu"), base_dtype, fresh_value_head=fresh).model)
-        if critic is rm:  # the judge is the critic's weights with its adapters off, its own score head included
-            scorer.model = AdaptersOff(rm, adapters["critic"].peft)
+        if critic is rm_model:  # the judge is the critic's weights with its adapters off, its own score head included
+            rm.model = AdaptersOff(rm_model, adapters["critic"].peft)
     critic.model.config.pad_token_id = tok.pad_token_id
     if c["GRADIENT_CHECKPOINTING"]:
         for m in (actor, critic.model):
             m.activation_checkpointing_enable({"use_reentrant": False})
     return Roles(tok, stop_token_ids(tok, actor, c["STOP_TOKENS"]), actor, ref, scorer, critic, critic_path, notes,
-                 device, dtype, adapters=adapters)
+                 device, dtype, rm=rm, adapters=adapters)
 
 
 def autocast(device, dtype):
@@ -778,88 +794,128 @@ class RewardScorer:
         # segment ids for a text pair, where the model takes them (BERT, DeBERTa; not DistilBERT, RoBERTa)
         self.token_types = "token_type_ids" in inspect.signature(model.model.forward).parameters
 
-    def rm_ids(self, user_text, reply, ended):
+    def rm_ids(self, conv, reply, ended):
         """RM token ids of one conversation: the same layout the actor's ids have (templated prompt with the
         generation prompt, then the reply, then EOS only if the reply ended), in the RM's own tokens."""
-        prompt = format_prompt(self.tok, user_text)
+        prompt = format_prompt(self.tok, conv)
         ids = self.tok(prompt, add_special_tokens=not self.tok.chat_template)["input_ids"] \
             + self.tok(reply, add_special_tokens=False)["input_ids"]
         return ids + [self.tok.eos_token_id] if ended and self.tok.eos_token_id is not None else ids
 
-    def __call__(self, query_responses, attention_mask, context_length, user_texts, replies, ended):
+    def __call__(self, query_responses, attention_mask, context_length, prompts, replies, ended):
+        """[B] scores; prompts: the (conversation, prompt text, ids) of each row."""
         if self.same_tokenizer:
             return frozen_forward(self.model, call, query_responses, attention_mask, last_index(attention_mask))
         if self.model.own_pooling:
             kw = dict(padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
             if self.tok.chat_template:
-                enc = self.tok([format_prompt(self.tok, u) + r for u, r in zip(user_texts, replies)],
+                enc = self.tok([format_prompt(self.tok, p[0]) + r for p, r in zip(prompts, replies)],
                                add_special_tokens=False, **kw)
             else:
-                enc = self.tok(list(user_texts), list(replies), **kw)
+                enc = self.tok([conversation_text(p[0]) for p in prompts], list(replies), **kw)
             return frozen_forward(self.model, call, enc["input_ids"].to(self.device),
                                   enc["attention_mask"].to(self.device), None,
                                   enc["token_type_ids"].to(self.device) if self.token_types and "token_type_ids" in enc
                                   else None)
-        rows = [self.rm_ids(u, r, e) for u, r, e in zip(user_texts, replies, ended)]
+        rows = [self.rm_ids(p[0], r, e) for p, r, e in zip(prompts, replies, ended)]
         ids, mask = left_pad([r[-self.max_len:] if self.max_len else r for r in rows], PAD_ID, self.device)
         return frozen_forward(self.model, call, ids, mask, last_index(mask))
 
 
-def load_gold(path):
-    """score(prompts, responses) -> list[float] from a Python file; checked on every call."""
+def load_score_fn(path, what):
+    """score(prompts, responses) -> list[float] from a Python file (GOLD_REWARD, or a reward function in
+    REWARD_MODEL / REWARD_FN), checked on every call: one value per reply, all finite."""
+    off = {"GOLD_REWARD": "--gold_reward= to turn it off", "REWARD_FN": "--reward_fn= to turn it off",
+           "REWARD_MODEL": "a reward model folder instead"}[what]
     if not os.path.isfile(path):
-        raise ConfigError(f"GOLD_REWARD file {path!r} not found; give a .py file with score(prompts, responses), "
-                          f"or --gold_reward= to turn it off")
-    spec = importlib.util.spec_from_file_location("gold_reward", path)
+        raise ConfigError(f"{what} file {path!r} not found; give a .py file with score(prompts, responses), or {off}")
+    spec = importlib.util.spec_from_file_location(f"score_fn_{what.lower()}", path)
     mod = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(mod)
     except Exception as e:  # the user's file: any import error is theirs to fix, reported in one line
-        raise ConfigError(f"GOLD_REWARD {path!r} failed to import: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{what} {path!r} failed to import: {type(e).__name__}: {e}") from None
     if not callable(getattr(mod, "score", None)):
-        raise ConfigError(f"GOLD_REWARD {path!r} has no function score(prompts, responses)")
+        raise ConfigError(f"{what} {path!r} has no function score(prompts, responses)")
 
     def score(prompts, responses):
         try:
             out = [float(x) for x in mod.score(prompts, responses)]
         except Exception as e:  # the user's function: reported in one line, whatever it raised
-            raise ConfigError(f"GOLD_REWARD {path!r}: score() failed ({first_line(e)}); fix the function, or "
-                              f"--gold_reward= to turn it off") from None
+            raise ConfigError(f"{what} {path!r}: score() failed ({first_line(e)}); fix the function, or {off}") from None
         if len(out) != len(responses):
-            raise ConfigError(f"GOLD_REWARD {path!r}: score() returned {len(out)} values for {len(responses)} replies")
+            raise ConfigError(f"{what} {path!r}: score() returned {len(out)} values for {len(responses)} replies")
         if not all(math.isfinite(x) for x in out):
-            raise ConfigError(f"GOLD_REWARD {path!r}: score() returned NaN or infinity")
+            raise ConfigError(f"{what} {path!r}: score() returned NaN or infinity")
         return out
     return score
 
 
+class RewardFunction:
+    """A rule-based ("verifiable") reward: score(prompts, responses) -> list[float] from a .py file, the GOLD_REWARD
+    contract, called with the prompt texts the policy saw and the decoded replies (answer checking, format rules).
+    With rm (REWARD_FN beside a reward model) its score is added to the reward model's, e.g. a format penalty."""
+
+    def __init__(self, path, what, device, rm=None):
+        self.fn, self.device, self.rm = load_score_fn(path, what), device, rm
+
+    def __call__(self, query_responses, attention_mask, context_length, prompts, replies, ended):
+        scores = torch.tensor(self.fn([p[1] for p in prompts], list(replies)), dtype=torch.float32, device=self.device)
+        if self.rm is None:
+            return scores
+        return self.rm(query_responses, attention_mask, context_length, prompts, replies, ended) + scores
+
+
 # ---- data: prompt file -> prompts -----------------------------------------------------------------------------------
 def read_records(path, what):
-    """Alpaca records from a JSON list or JSONL file; each needs 'instruction' ('input' optional, 'output' unused)."""
+    """The records of a prompt file: a JSON list, JSONL, or Parquet (through pandas, which needs pyarrow)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"{what} {path!r} not found; give a JSON or JSONL file of {{\"instruction\", \"input\"}} records")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {path!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    try:
-        rows = json.loads(text)
-        rows = [rows] if isinstance(rows, dict) else rows
-    except json.JSONDecodeError:
+        raise ConfigError(f"{what} {path!r} not found; give a JSON, JSONL or Parquet file of prompt records")
+    if path.endswith(".parquet"):
         try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = pd.read_parquet(path).to_dict("records")
+        except ImportError:
+            raise ConfigError(f"{what} {path!r}: reading Parquet needs pyarrow: pip install pyarrow") from None
+        except Exception as e:  # the user's file: any failure is theirs to fix, reported in one line
+            raise ConfigError(f"{what} {path!r} cannot be read as Parquet ({first_line(e)})") from None
+        rows = [plain(r) for r in rows]
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{what} {path!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        try:
+            rows = json.loads(text)
+            rows = [rows] if isinstance(rows, dict) else rows
         except json.JSONDecodeError:
-            raise ConfigError(f"{what} {path!r} is neither JSON nor JSONL; expected a list of "
-                              f"{{\"instruction\", \"input\"}} records") from None
+            try:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError:
+                raise ConfigError(f"{what} {path!r} is neither JSON nor JSONL; expected a list of prompt records "
+                                  f"(Alpaca, chat, ShareGPT or prompt)") from None
     if not isinstance(rows, list) or not rows:
-        raise ConfigError(f"{what} {path!r} holds no records; expected a non-empty list of {{\"instruction\", ...}}")
-    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not isinstance(r.get("instruction"), str)
-           or not isinstance(r.get("input") or "", str)]
-    if bad:
-        raise ConfigError(f"{what} {path!r}: record {bad[0]} (and {len(bad) - 1} more) has no 'instruction' text "
-                          f"(or an 'input' that is not text)")
+        raise ConfigError(f"{what} {path!r} holds no records; expected a non-empty list of prompt records")
     return rows
+
+
+def plain(x):
+    """A Parquet cell as JSON would give it: arrays -> lists, missing values (NaN, None) -> None."""
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [plain(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+# Prompt formats: the key that marks each (checked in this order on a file's first record) and what it holds
+PROMPT_FORMATS = {
+    "messages": "chat: 'messages', a list of {role, content} turns",
+    "conversations": "ShareGPT: 'conversations', a list of {from, value} turns",
+    "prompt": "prompt: 'prompt', a text or a list of {role, content} turns",
+    "instruction": "Alpaca: 'instruction' text (+ optional 'input')",
+}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 def user_text(record):
@@ -868,12 +924,39 @@ def user_text(record):
     return record["instruction"] + ("\n" + inp if inp else "")
 
 
-def format_prompt(tok, text):
-    """The prompt the actor sees: its chat template with the generation prompt, or plain text for base models."""
+def conversation(record, key):
+    """A record -> the prompt: a text (one user turn: Alpaca, a 'prompt' text) or a list of {role, content} turns up
+    to and including the last user turn (system turns kept, a trailing assistant turn dropped: the reply to it is
+    what PPO samples). None when the record does not fit its file's format. Outputs are never read."""
+    if key == "instruction":
+        ok = isinstance(record.get("instruction"), str) and isinstance(record.get("input") or "", str)
+        return user_text(record) if ok else None
+    turns = record.get(key)
+    if key == "prompt" and isinstance(turns, str):
+        return turns
+    if key == "conversations" and isinstance(turns, list):
+        turns = [{"role": SHAREGPT_ROLES.get(t.get("from")), "content": t.get("value")} if isinstance(t, dict)
+                 else None for t in turns]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("role") in ("system", "user", "assistant")
+                                              and isinstance(t.get("content"), str) for t in turns):
+        return None
+    users = [i for i, t in enumerate(turns) if t["role"] == "user"]
+    return [{"role": t["role"], "content": t["content"]} for t in turns[:users[-1] + 1]] if users else None
+
+
+def conversation_text(conv):
+    """A prompt as one text (an encoder reward model's first segment, a base model's prompt): the turns' contents."""
+    return conv if isinstance(conv, str) else "\n".join(t["content"] for t in conv)
+
+
+def format_prompt(tok, conv):
+    """The prompt the actor sees: its chat template with the generation prompt, or plain text for base models.
+    conv: a text (one user turn) or a list of {role, content} turns."""
     if not tok.chat_template:
-        return text + "\n"
+        return conversation_text(conv) + "\n"
+    turns = [{"role": "user", "content": conv}] if isinstance(conv, str) else conv
     try:
-        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # the model folder's template (Jinja): its errors are the user's to fix
         raise ConfigError(f"the chat template of {tok.name_or_path!r} fails on a user turn ({first_line(e)}); fix "
                           f"chat_template in its tokenizer_config.json or chat_template.jinja") from None
@@ -896,16 +979,27 @@ def prompt_budget(c, models):
 
 
 def load_prompts(path, tok, max_tokens, what, log=print, why=None):
-    """-> list of (user_text, prompt_text, prompt_ids); prompts over max_tokens are dropped with a warning.
-    why: (what sets max_tokens, how to raise it), from prompt_budget; None: MAX_PROMPT_TOKENS."""
+    """-> list of (conversation, prompt_text, prompt_ids); prompts over max_tokens are dropped with a warning.
+    The format is detected once per file, from its first record, and said. why: (what sets max_tokens, how to
+    raise it), from prompt_budget; None: MAX_PROMPT_TOKENS."""
     why = why or (f"MAX_PROMPT_TOKENS = {max_tokens}", "raise --max_prompt_tokens")
     rows = read_records(path, what)
+    key = next((k for k in PROMPT_FORMATS if isinstance(rows[0], dict) and k in rows[0]), None)
+    if key is None:
+        raise ConfigError(f"{what} {path!r}: the first record fits no prompt format; give one of: "
+                          + "; ".join(PROMPT_FORMATS.values()))
+    convs = [conversation(r, key) if isinstance(r, dict) else None for r in rows]
+    bad = [i for i, conv in enumerate(convs) if conv is None]
+    if bad:
+        raise ConfigError(f"{what} {path!r}: record {bad[0]} (and {len(bad) - 1} more) does not fit the file's format, "
+                          f"{PROMPT_FORMATS[key]} with a user turn")
+    log(f"{what} {path}: {len(rows)} records, format {PROMPT_FORMATS[key].split(':')[0]}")
     out = []
-    for r in rows:
-        text = format_prompt(tok, user_text(r))
+    for conv in convs:
+        text = format_prompt(tok, conv)
         ids = tok(text, add_special_tokens=not tok.chat_template)["input_ids"]
         if len(ids) <= max_tokens:
-            out.append((user_text(r), text, ids))
+            out.append((conv, text, ids))
     if not out:
         raise ConfigError(f"{what} {path!r}: all {len(rows)} prompts are longer than {why[0]}; {why[1]}")
     if len(out) < len(rows):
@@ -996,7 +1090,7 @@ def rollout(actor, ref, critic, scorer, tok, stop_ids, prompts, c, device, beta,
 
     # 4 reward-model score of prompt + reply, read at the last real token
     replies = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(responses.cpu(), mask.cpu())]
-    raw_scores = scorer(query_responses, attention_mask, ctx, [p[0] for p in prompts], replies, ended.tolist())
+    raw_scores = scorer(query_responses, attention_mask, ctx, prompts, replies, ended.tolist())
     scores = raw_scores - c["MISSING_EOS_PENALTY"] * (~ended).float()
     if score_moments is not None:  # SCORE_NORM: running whitening of the score (PPO-max)
         score_moments.update(torch.tensor(all_gather_list(scores.tolist())))
@@ -1047,7 +1141,7 @@ UPDATE_STATS = ("policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_av
                 "val/clipfrac_avg", "val/ratio")
 
 
-def ppo_update(actor, critic, optimizer, params, batch, c, sizes=None):
+def ppo_update(actor, critic, optimizer, params, batch, c, sizes=None, scheduler=None):
     """Step 7: PPO_EPOCHS passes over freshly shuffled minibatches of the rollout; one optimizer step per minibatch
     of MINI_BATCH_SIZE·GRAD_ACCUM sequences (sizes.accum micro-batches on each rank under torchrun). Losses are token
     means per micro-batch, averaged over the micro-batches of a step (N+, TRL); DDP/FSDP average the gradients over
@@ -1064,7 +1158,7 @@ def ppo_update(actor, critic, optimizer, params, batch, c, sizes=None):
                 idx = order[start + k * mb:start + (k + 1) * mb].to(batch["responses"].device)
                 with gradient_sync((actor, critic), sync=k == accum - 1):
                     stats.append(micro_batch_backward(actor, critic, batch, idx, ctx, c, accum))
-            steps.append(optimizer_step(optimizer, params, c["MAX_GRAD_NORM"]))
+            steps.append(optimizer_step(optimizer, params, c["MAX_GRAD_NORM"], scheduler))
     actor.eval(), critic.eval()
     # one device-to-host copy for all micro-batch statistics (an .item() each would wait for the GPU every time)
     stats = [dict(zip(UPDATE_STATS, row)) for row in torch.stack(stats).float().tolist()]
@@ -1090,9 +1184,10 @@ def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum):
                         vf_clipfrac, pg["ratio"]])
 
 
-def optimizer_step(optimizer, params, max_grad_norm):
+def optimizer_step(optimizer, params, max_grad_norm, scheduler=None):
     """One AdamW step on the accumulated gradients of actor and critic, clipped to max_grad_norm jointly; skipped
-    (weights kept) when the gradient is not finite. Returns its grad norm and whether it was skipped."""
+    (weights kept) when the gradient is not finite. The LR schedule advances either way: it follows the run's
+    progress. Returns its grad norm and whether it was skipped."""
     total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     grad_norm = getattr(total_norm, "full_tensor", lambda: total_norm)().item()  # FSDP: a DTensor
     skipped = not math.isfinite(grad_norm)  # a NaN/Inf loss or gradient: skip this update, keep the weights
@@ -1102,6 +1197,8 @@ def optimizer_step(optimizer, params, max_grad_norm):
             torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
     return {"policy/grad_norm": grad_norm, "train/skipped_frac": float(skipped)}
 
 
@@ -1114,19 +1211,21 @@ def ppo_step(roles, prompts, beta, c, sizes, score_moments=None, gold=None):
                         roles.device, beta, score_moments, roles.fsdp)
     # step 7 on every rank, or on none: a batch with a non-finite score anywhere is not trained on
     t0 = time.perf_counter()
+    lr = roles.optimizer.param_groups[0]["lr"]  # the rate of this step's first optimizer step
     scores_ok = all_reduce_sum(torch.isfinite(batch["scores"]).all().logical_not().float()).item() == 0
     if scores_ok:
         with autocast(roles.device, roles.dtype):
-            mb_stats = ppo_update(roles.actor_train, roles.critic_train, roles.optimizer, roles.params, batch, c, sizes)
+            mb_stats = ppo_update(roles.actor_train, roles.critic_train, roles.optimizer, roles.params, batch, c, sizes,
+                                  roles.scheduler)
     else:
         mb_stats = [dict({k: float("nan") for k in UPDATE_STATS}, **{"policy/grad_norm": float("nan"),
                                                                        "train/skipped_frac": 1.0})]
-    row = step_metrics(batch, mb_stats, beta, gold, prompts, roles.optimizer, time.perf_counter() - t0)
+    row = step_metrics(batch, mb_stats, beta, gold, prompts, lr, time.perf_counter() - t0)
     row["train/bad_scores"] = float(not scores_ok)
     return row, batch
 
 
-def step_metrics(batch, mb_stats, beta, gold, batch_prompts, optimizer, t_train):
+def step_metrics(batch, mb_stats, beta, gold, batch_prompts, lr, t_train):
     """The step's numbers (TRL's names where TRL has one; each declared in METRICS), averaged over all micro-batches
     of the step and over ranks. The loop adds step, episodes, evaluation and timing columns."""
     mask, returns, values = batch["mask"], batch["returns"], batch["values"]
@@ -1151,7 +1250,7 @@ def step_metrics(batch, mb_stats, beta, gold, batch_prompts, optimizer, t_train)
         "time/tokens_per_s": mask.sum().item() * world_size()
         / (batch["time_generate"] + batch["time_score"] + t_train),
     }
-    return dict(all_mean(row), **{"objective/kl_coef": beta, "lr": optimizer.param_groups[0]["lr"]})
+    return dict(all_mean(row), **{"objective/kl_coef": beta, "lr": lr})
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------------
@@ -1176,7 +1275,7 @@ def evaluate(actor, ref, scorer, tok, stop_ids, prompts, c, device, gold, seed, 
             ended = ends_with_stop(responses, mask, stop_ids)
             ref_lp = frozen_forward(ref, response_logprobs, qr, am, ctx, c["TEMPERATURE"])
             replies = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(responses.cpu(), mask.cpu())]
-            out["rm"] += scorer(qr, am, ctx, [p[0] for p in chunk], replies, ended.tolist()).tolist()
+            out["rm"] += scorer(qr, am, ctx, chunk, replies, ended.tolist()).tolist()
             out["kl"] += torch.where(mask, kl_per_token(lp, ref_lp, "k1"), 0.0).sum(1).tolist()
             out["len"] += mask.sum(1).tolist()
             out["eos"] += ended.float().tolist()
@@ -1242,6 +1341,16 @@ def batch_sizes(c, world):
                       accum=c["GRAD_ACCUM"] // world, world=world)
 
 
+def lr_schedule(optimizer, c):
+    """LR_SCHEDULE through transformers' get_scheduler, stepped once per optimizer step: WARMUP_STEPS steps of linear
+    warm-up from 0, then constant, or a linear or cosine decay to 0 at the run's last optimizer step (TOTAL_STEPS x
+    PPO_EPOCHS x PPO_BUFFER_SIZE of them: each epoch makes PPO_BUFFER_SIZE optimizer steps)."""
+    from transformers import get_scheduler
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[c["LR_SCHEDULE"]]
+    return get_scheduler(name, optimizer, num_warmup_steps=c["WARMUP_STEPS"],
+                         num_training_steps=c["TOTAL_STEPS"] * c["PPO_EPOCHS"] * c["PPO_BUFFER_SIZE"])
+
+
 def check_config(c):
     """The bounds every setting must respect (batch sizes are derived and checked in batch_sizes)."""
     for k in ("MINI_BATCH_SIZE", "GRAD_ACCUM", "PPO_BUFFER_SIZE", "PPO_EPOCHS", "MAX_NEW_TOKENS", "MAX_PROMPT_TOKENS"):
@@ -1265,6 +1374,9 @@ def check_config(c):
         raise ConfigError("GAMMA and LAM must lie in [0, 1]")
     if c["LORA_R"] < 0 or not c["LORA_ALPHA"] > 0:
         raise ConfigError(f"LORA_R = {c['LORA_R']} must be >= 0 (0 = off) and LORA_ALPHA = {c['LORA_ALPHA']} > 0")
+    if c["LR_SCHEDULE"] not in ("constant", "linear", "cosine") or c["WARMUP_STEPS"] < 0:
+        raise ConfigError(f"LR_SCHEDULE = {c['LR_SCHEDULE']!r} must be constant, linear or cosine, and WARMUP_STEPS "
+                          f"= {c['WARMUP_STEPS']} >= 0")
     if c["DTYPE"] not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"DTYPE = {c['DTYPE']!r} must be auto, float32, bfloat16 or float16")
 
@@ -1320,9 +1432,11 @@ class Run:
         roles.optimizer = torch.optim.AdamW(roles.params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"],
                                             weight_decay=c["WEIGHT_DECAY"],
                                             fused=self.device.type in ("cpu", "cuda") and not roles.fsdp)
+        roles.scheduler = lr_schedule(roles.optimizer, c)
         self.kl_ctl = AdaptiveKLController(c["INIT_KL_COEF"], c["PPO_TARGET"], c["KL_HORIZON"], c["ADAPTIVE_KL"])
         self.score_moments = RunningMoments() if c["SCORE_NORM"] else None
-        self.gold = load_gold(c["GOLD_REWARD"]) if c["GOLD_REWARD"] else None
+        self.gold = load_score_fn(c["GOLD_REWARD"], "GOLD_REWARD") if c["GOLD_REWARD"] else None
+        self.dashboards = Dashboards(c["REPORT_TO"])  # checks the packages now; opened when writing starts
         self.load_data()
         self.describe()
         self.state = RunState(config={k: c[k] for k in CONFIG_KEYS}, kl_coef=self.kl_ctl.value)
@@ -1344,7 +1458,7 @@ class Run:
         c, roles = self.c, self.roles
         budget, why = prompt_budget(c, [("ACTOR_MODEL", roles.actor), ("REF_MODEL", roles.ref),
                                         ("CRITIC_MODEL", roles.critic.model)]
-                                    + ([("REWARD_MODEL", roles.scorer.model.model)] if roles.scorer.same_tokenizer
+                                    + ([("REWARD_MODEL", roles.rm.model.model)] if roles.rm and roles.rm.same_tokenizer
                                        else []))
         self.prompts = load_prompts(c["PROMPT_FILE"], roles.tok, budget, "PROMPT_FILE", self.log, why)
         if len(self.prompts) < self.sizes.rollout:
@@ -1370,14 +1484,16 @@ class Run:
         self.log("stop tokens (a reply ends at any):",
                  ", ".join(f"{tok.convert_ids_to_tokens(i)!r} ({i})" for i in roles.stop_ids))
         trained = sum(p.numel() for p in roles.params)
+        reward = ("a function" if roles.rm is None else "model, same tokenizer" if roles.rm.same_tokenizer else
+                  "model, own tokenizer (re-tokenising replies)" + (", own pooling" if roles.rm.model.own_pooling else ""))
+        reward += " + REWARD_FN" if c["REWARD_FN"] else ""
         lora = f" (LoRA rank {c['LORA_R']}: adapters and value head)" if roles.adapters else ""
         shared = [f"{name} = {of} with its adapters off" for name, role, of in
-                  (("reference", roles.ref, "actor"), ("reward", roles.scorer.model, "critic"))
+                  (("reference", roles.ref, "actor"), ("reward", roles.rm and roles.rm.model, "critic"))
                   if isinstance(role, AdaptersOff)]
         self.log(f"models: actor {roles.actor.num_parameters():,} params, critic {roles.critic.model.num_parameters():,}"
                  f"; trained {trained:,}{lora}"
-                 f", reward model {'same tokenizer' if roles.scorer.same_tokenizer else 'own tokenizer (re-tokenising replies)'}"
-                 f"{', own pooling' if roles.scorer.model.own_pooling else ''}; "
+                 f", reward {reward}; "
                  f"prompts: {len(self.prompts)} train, {len(self.eval_prompts)} eval")
         for line in shared:
             self.log(f"note: the {line} (LoRA: one model in memory for both roles)")
@@ -1386,8 +1502,9 @@ class Run:
                        "critic_params": roles.critic.model.num_parameters(), "trained_params": trained,
                        "lora": {"r": c["LORA_R"], "alpha": c["LORA_ALPHA"], "target_modules": c["LORA_TARGET_MODULES"],
                                 "shared": shared} if roles.adapters else None,
-                       "reward_same_tokenizer": roles.scorer.same_tokenizer,
-                       "reward_own_pooling": roles.scorer.model.own_pooling,
+                       "reward_fn": c["REWARD_FN"] or None, "reward_is_function": roles.rm is None,
+                       "reward_same_tokenizer": bool(roles.rm and roles.rm.same_tokenizer),
+                       "reward_own_pooling": bool(roles.rm and roles.rm.model.own_pooling),
                        "stop_tokens": {tok.convert_ids_to_tokens(i): i for i in roles.stop_ids}}
         self.data = {"prompt_file": c["PROMPT_FILE"], "train_prompts": len(self.prompts),
                      "eval_file": c["EVAL_FILE"], "eval_prompts": len(self.eval_prompts)}
@@ -1400,6 +1517,7 @@ class Run:
     def resume(self):
         saved = read_checkpoint(self.resume_path, "state.pt")
         load_trained_state(self.roles, saved["models"], saved["optimizer"])
+        self.roles.scheduler.load_state_dict(saved["scheduler"])
         self.state = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState) if f.name != "config"},
                               config=self.state.config)
         self.kl_ctl.value = self.state.kl_coef
@@ -1441,6 +1559,9 @@ class Run:
             if state.rows:
                 self.write_rows(state.rows)
             os.replace(path + ".tmp", path)
+            self.dashboards.open(c["OUTPUT_DIR"], {"config": state.config, "derived": self.derived})
+            if not self.resume_path and state.eval_before:
+                self.dashboards.log(eval_columns(state.eval_before), 0)
         self.stop = StopFlag(self.log)
         self.last_saved = state.step if self.resume_path else -1
         self.bar = tqdm(range(state.step + 1, c["TOTAL_STEPS"] + 1), desc="PPO", dynamic_ncols=True,
@@ -1449,6 +1570,8 @@ class Run:
 
     def __exit__(self, *exc):
         self.bar.close()
+        if exc[0] is not None:  # otherwise finish() logs the evaluation after training, then closes them
+            self.dashboards.close()
         self.stop.restore()
         if self.csv_file:
             self.csv_file.close()
@@ -1481,8 +1604,7 @@ class Run:
         if self.eval_prompts and c["EVAL_EVERY"] and step % c["EVAL_EVERY"] == 0 and step < c["TOTAL_STEPS"]:
             ev, _ = self.evaluate(step)
             state.eval_points.append(ev)
-            row.update({"eval/rm_score": ev["rm_score"], "eval/gold_score": ev.get("gold_score", float("nan")),
-                        "eval/kl": ev["kl"]})
+            row.update(eval_columns(ev))
         row["time/step_s"] = time.perf_counter() - self.t_step  # the whole step: phases, metrics, gold, evaluation
         row = metrics_row(row)
         state.rows.append(row)
@@ -1491,10 +1613,13 @@ class Run:
         state.bad_streak = state.bad_streak + 1 if bad else 0
         if self.master:
             self.write_rows([row])
+            self.dashboards.log(row, step)
             if c["SAMPLE_EVERY"] and (step == 1 or step % c["SAMPLE_EVERY"] == 0):
+                samples = [{"step": step, "prompt": p[0], "reply": r, "score": round(sc, 4)}
+                           for p, r, sc in list(zip(prompts, batch["replies"], batch["scores"].tolist()))[:4]]
                 with open(self.files["samples"], "a", encoding="utf-8") as f:
-                    for p, r, sc in list(zip(prompts, batch["replies"], batch["scores"].tolist()))[:4]:
-                        f.write(json.dumps({"step": step, "prompt": p[0], "reply": r, "score": round(sc, 4)}) + "\n")
+                    f.writelines(json.dumps(x) + "\n" for x in samples)
+                self.dashboards.samples(samples, step)
             self.bar.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{row['objective/kl']:.2f}",
                                  beta=f"{row['objective/kl_coef']:.3f}",
                                  **({"gold": f"{row['objective/gold_scores']:.2f}"} if self.gold else {}))
@@ -1544,34 +1669,37 @@ class Run:
     def finish(self):
         """After the loop: an interrupted run writes its summary and the command that resumes it; a finished one is
         evaluated, saves its models and writes summary.json and the curves."""
-        c, state = self.c, self.state
-        if self.stop.signum or state.step < c["TOTAL_STEPS"]:
-            self.log(f"interrupted after step {state.step}; checkpoint "
-                     f"{'saved' if self.last_saved == state.step else 'not saved'}; continue with: {resume_command(c)}")
-            if self.master:
-                self.tick()
-                summary = self.summary("interrupted")
-                summary["interrupted_by"] = signal.Signals(self.stop.signum).name if self.stop.signum else None
-                write_reports(summary, state, self.metrics_dir, c)
-            return {"status": "interrupted", "signum": self.stop.signum}
-        eval_after, detail_after = None, None
-        if self.eval_prompts:
-            eval_after, detail_after = self.evaluate(c["TOTAL_STEPS"])
-            state.eval_points.append(eval_after)
-            self.log("eval after: ", json.dumps({k: round(v, 3) for k, v in eval_after.items()}))
-        if c["SAVE_MODEL"]:
-            save_models(self.roles, self.model_dir, self.master)
-        if dist_on():
-            torch.distributed.barrier()
-        if not self.master:
-            return None
-        self.tick()
-        summary = self.summary("finished", eval_after, detail_after)
-        write_reports(summary, state, self.metrics_dir, c)
-        self.log("health:\n  " + "\n  ".join(summary["health"]))
-        self.log(f"done in {summary['wall_time_s']:.0f}s; read {self.metrics_dir}/summary.json, then "
-                 f"training_curves.png, then training_metrics.csv")
-        return summary
+        with contextlib.closing(self.dashboards):  # W&B / TensorBoard: the evaluation after training, then closed
+            c, state = self.c, self.state
+            if self.stop.signum or state.step < c["TOTAL_STEPS"]:
+                self.log(f"interrupted after step {state.step}; checkpoint "
+                         f"{'saved' if self.last_saved == state.step else 'not saved'}; continue with: {resume_command(c)}")
+                if self.master:
+                    self.tick()
+                    summary = self.summary("interrupted")
+                    summary["interrupted_by"] = signal.Signals(self.stop.signum).name if self.stop.signum else None
+                    write_reports(summary, state, self.metrics_dir, c)
+                return {"status": "interrupted", "signum": self.stop.signum}
+            eval_after, detail_after = None, None
+            if self.eval_prompts:
+                eval_after, detail_after = self.evaluate(c["TOTAL_STEPS"])
+                state.eval_points.append(eval_after)
+                self.log("eval after: ", json.dumps({k: round(v, 3) for k, v in eval_after.items()}))
+                if self.master:
+                    self.dashboards.log(eval_columns(eval_after), c["TOTAL_STEPS"])
+            if c["SAVE_MODEL"]:
+                save_models(self.roles, self.model_dir, self.master)
+            if dist_on():
+                torch.distributed.barrier()
+            if not self.master:
+                return None
+            self.tick()
+            summary = self.summary("finished", eval_after, detail_after)
+            write_reports(summary, state, self.metrics_dir, c)
+            self.log("health:\n  " + "\n  ".join(summary["health"]))
+            self.log(f"done in {summary['wall_time_s']:.0f}s; read {self.metrics_dir}/summary.json, then "
+                     f"training_curves.png, then training_metrics.csv")
+            return summary
 
 
 def pick_device(name):
@@ -1672,7 +1800,8 @@ def save_checkpoint(ckpt_dir, keep, state, roles, prompt_rng, master):
         final = os.path.join(ckpt_dir, f"step_{step:08d}")
         tmp = final + ".tmp"
         os.makedirs(tmp, exist_ok=True)
-        torch.save({"models": model_state, "optimizer": optim_state, "rng": rngs, **vars(state)},
+        torch.save({"models": model_state, "optimizer": optim_state, "scheduler": roles.scheduler.state_dict(),
+                    "rng": rngs, **vars(state)},
                    os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # read without loading the weights
             json.dump({"step": step, "config": state.config}, f, indent=1)
@@ -1838,6 +1967,64 @@ METRICS = {
 }
 PANELS = [REWARD, KL_PANEL, "β (KL coefficient)", "policy loss", "value loss", CLIP, "entropy (nats/token)",
           "reply length (tokens)"]  # the figure's order; a last panel shows the held-out evaluation
+
+
+def eval_columns(ev):
+    """A held-out evaluation as the CSV's eval/ columns."""
+    return {"eval/rm_score": ev["rm_score"], "eval/gold_score": ev.get("gold_score", float("nan")), "eval/kl": ev["kl"]}
+
+
+class Dashboards:
+    """REPORT_TO: TensorBoard (OUTPUT_DIR/tensorboard) and/or Weights & Biases (project $WANDB_PROJECT, default
+    ppo-rlhf, files under OUTPUT_DIR/wandb; WANDB_MODE=offline needs no network), rank 0 only, beside the CSV that is
+    always written: the config at start, every CSV column each step under the CSV's (TRL's) names, the evaluations
+    (eval/ columns, also at steps 0 and TOTAL_STEPS), and the samples as a table. A resumed run continues the
+    TensorBoard folder and starts a new W&B run."""
+    INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+
+    def __init__(self, report_to):
+        self.names = [n.strip().lower() for n in report_to.split(",") if n.strip().lower() not in ("", "none")]
+        for n in self.names:
+            if n not in self.INSTALL:
+                raise ConfigError(f"REPORT_TO = {report_to!r}: {n!r} is not one of none, tensorboard, wandb "
+                                  f"(comma-separated for both)")
+            if importlib.util.find_spec(n) is None:
+                raise ConfigError(f"REPORT_TO={n} needs the {n} package: {self.INSTALL[n]} (or --report_to=none)")
+        self.tb = self.wb = None
+
+    def open(self, output_dir, config):
+        if "tensorboard" in self.names:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self.tb.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "))
+        if "wandb" in self.names:
+            import wandb
+            self.wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ppo-rlhf"), dir=output_dir, config=config)
+
+    def log(self, row, step):
+        values = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wb:
+            self.wb.log(values, step=step)
+
+    def samples(self, samples, step):
+        cells = [[json.dumps(x["prompt"], ensure_ascii=False), x["reply"], x["score"]] for x in samples]
+        if self.tb:
+            self.tb.add_text("samples", "| prompt | reply | score |\n|---|---|---|\n" + "\n".join(
+                "| " + " | ".join(str(v).replace("|", "/").replace("\n", " ") for v in row) + " |" for row in cells), step)
+        if self.wb:
+            import wandb
+            self.wb.log({"samples": wandb.Table(columns=["prompt", "reply", "score"], data=cells)}, step=step)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wb:
+            self.wb.finish()
+        self.tb = self.wb = None
 
 
 def metrics_row(values):

@@ -33,7 +33,7 @@ def test_adapters_train_alone_over_a_frozen_base_shared_by_the_frozen_roles(tmp_
     roles = run.roles
     # four roles, two models: the reference is the actor with its adapters off, the reward model the critic
     assert isinstance(roles.ref, ppo.AdaptersOff) and roles.ref.module is roles.actor
-    assert isinstance(roles.scorer.model, ppo.AdaptersOff) and roles.scorer.model.module is roles.critic
+    assert isinstance(roles.rm.model, ppo.AdaptersOff) and roles.rm.model.module is roles.critic
     # only adapters and the (copied) value head are in the optimizer
     named = {id(p): n for m in (roles.actor, roles.critic) for n, p in m.named_parameters()}
     trained = [named[id(p)] for g in roles.optimizer.param_groups for p in g["params"]]
@@ -60,7 +60,7 @@ def test_adapters_train_alone_over_a_frozen_base_shared_by_the_frozen_roles(tmp_
     # the reward model and the reference are still exactly the SFT/RM checkpoints
     ids, am, ctx = batch["query_responses"], batch["attention_mask"], batch["context_length"]
     idx = ppo.last_index(am)
-    assert torch.equal(ppo.frozen_forward(roles.scorer.model, ppo.call, ids, am, idx),
+    assert torch.equal(ppo.frozen_forward(roles.rm.model, ppo.call, ids, am, idx),
                        ppo.frozen_forward(plain_rm, ppo.call, ids, am, idx))
     ref_lp = ppo.frozen_forward(roles.ref, ppo.response_logprobs, ids, am, ctx, 1.0)
     assert torch.allclose(ref_lp, ppo.frozen_forward(plain_sft, ppo.response_logprobs, ids, am, ctx, 1.0), atol=1e-6)
@@ -120,8 +120,8 @@ def test_lora_resume_is_exact_and_works_with_bf16_and_gradient_checkpointing(tmp
 def test_explicit_reference_and_critic_paths_load_separately(tmp_path):
     c = make_config(tmp_path, TOTAL_STEPS=1, EVAL_FILE="", REF_MODEL=SFT + "/", CRITIC_MODEL=RM + "/", **LORA)
     roles = ppo.load_roles(c, CPU, torch.float32)
-    assert not isinstance(roles.ref, ppo.AdaptersOff) and not isinstance(roles.scorer.model, ppo.AdaptersOff)
-    assert roles.critic is not roles.scorer.model and set(roles.adapters) == {"actor", "critic"}
+    assert not isinstance(roles.ref, ppo.AdaptersOff) and not isinstance(roles.rm.model, ppo.AdaptersOff)
+    assert roles.critic is not roles.rm.model and set(roles.adapters) == {"actor", "critic"}
 
 
 def test_lora_mistakes_are_one_clear_line(tmp_path, monkeypatch):

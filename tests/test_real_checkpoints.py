@@ -78,7 +78,7 @@ def test_encoder_reward_model_scores_through_its_own_tokenizer_and_pooling(tiny_
                                                         label="POSITIVE")), rm_tok, actor_tok, CPU)
     users = ["Review the lamp.", "What do you think of the kettle you bought last week?"]
     replies = ["It is great.", "It broke after a week and the lid is loose."]
-    got = scorer(None, None, None, users, replies, [True, False])
+    got = scorer(None, None, None, [(u, None, None) for u in users], replies, [True, False])
     # the same pairs through plain transformers, one at a time (no padding): the POSITIVE logit
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForSequenceClassification.from_pretrained(path).eval()
     for i, (u, r) in enumerate(zip(users, replies)):

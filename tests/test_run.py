@@ -9,7 +9,7 @@ import pytest
 
 import ppo
 
-from conftest import ROOT, make_args
+from conftest import ROOT, SFT, make_args
 
 SCRIPT = os.path.join(ROOT, "code/ppo.py")
 QUICK = make_args(TOTAL_STEPS=3, MAX_NEW_TOKENS=16, EVAL_EVERY=2, SAMPLE_EVERY=1, SAVE_MODEL=True)
@@ -108,9 +108,12 @@ def test_prompt_file_problems(tmp_path):
     empty.write_text("[]")
     no_instr = tmp_path / "noinstr.jsonl"
     no_instr.write_text('{"input": "x"}\n')
-    for path, needle in [(bad_json, "neither JSON nor JSONL"), (empty, "holds no records"), (no_instr, "no 'instruction'")]:
+    for path, needle in [(bad_json, "neither JSON nor JSONL"), (empty, "holds no records")]:
         with pytest.raises(ppo.ConfigError, match=needle):
             ppo.read_records(str(path), "PROMPT_FILE")
+    tok, _ = ppo.load_tokenizer(SFT, "ACTOR_MODEL")
+    with pytest.raises(ppo.ConfigError, match="the first record fits no prompt format"):
+        ppo.load_prompts(str(no_instr), tok, 128, "PROMPT_FILE")
 
 
 def test_help_lists_every_constant_with_its_comment():

@@ -64,7 +64,7 @@ def test_chat_templates_and_retokenised_reward_equal_direct_scoring(llama_actor)
     qr, am = torch.cat([q, r_ids], 1), torch.cat([qm, r_mask], 1)
     decoded = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(r_ids, r_mask)]
     assert decoded == replies
-    got = scorer(qr, am, q.shape[1], [p[0] for p in prompts], decoded, ended)
+    got = scorer(qr, am, q.shape[1], prompts, decoded, ended)
     # the same conversations written out in the RM's own template and tokenised directly by the RM's tokenizer
     for i, (p, reply, e) in enumerate(zip(prompts, replies, ended)):
         text = f"<|user|>\n{p[0]}\n<|assistant|>\n{reply}" + ("<|eos|>" if e else "")
