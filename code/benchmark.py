@@ -58,7 +58,7 @@ def measure_floor(c, batches, device, dtype):
     per step of each phase."""
     torch.manual_seed(c["SEED"])
     roles = ppo.load_roles(c, device, dtype)
-    roles.params = ppo.trainable_parameters([roles.actor, roles.critic])
+    roles.params = ppo.trainable_parameters(roles.trained().values())
     roles.optimizer = torch.optim.AdamW(roles.params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"],
                                         fused=device.type in ("cpu", "cuda"))
     parts = {"sample": [], "score": [], "train": []}

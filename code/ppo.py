@@ -66,13 +66,17 @@ STOP_TOKENS = ""                         # tokens that end a reply, comma-separa
 TOTAL_STEPS = 250                        # PPO steps = rollout batches (7B: a few hundred to a few thousand)
 MINI_BATCH_SIZE = 8                      # sequences per forward/backward (per process)
 GRAD_ACCUM = 1                           # micro-batches per optimizer step
-PPO_BUFFER_SIZE = 2                      # optimizer steps per PPO epoch; rollout batch = MINI_BATCH_SIZE*GRAD_ACCUM*this (7B: 1)
+PPO_BUFFER_SIZE = 2                      # optimizer steps per PPO epoch; rollout batch (replies) = MINI_BATCH_SIZE*GRAD_ACCUM*this (7B: 1)
 PPO_EPOCHS = 4                           # passes over each rollout batch (7B: 4)
 PPO_TARGET = 6.0                         # KL target of the adaptive controller, nats per reply (7B: 6.0)
 ADAPTIVE_KL = True                       # adapt β towards PPO_TARGET (Ziegler et al. 2019); False keeps β = INIT_KL_COEF
 INIT_KL_COEF = 0.1                       # initial β, the KL coefficient (TRL-old 0.2, OAI 0.15, N+ and TRL-new 0.05 fixed)
 KL_HORIZON = 1000                        # controller horizon in episodes; smaller adapts faster (7B: 10000, OAI's value)
 KL_ESTIMATOR = "k1"                      # per-token KL in the reward: "k1" = logp - logp_ref (unbiased), "k3" = (r-1) - log r
+ADVANTAGE = "gae"                        # "gae": the Critic's baseline (4 roles); critic-free (3 roles): "grpo", "rloo", "reinforce++"
+SAMPLES_PER_PROMPT = 1                   # replies sampled per prompt, kept together (grpo and rloo need >= 2)
+GRPO_STD = True                          # grpo: divide by the group's std (False: Dr. GRPO, the mean only)
+KL_IN = "reward"                         # where β·KL goes: "reward" (a per-token penalty, OAI) or "loss" (a k3 loss term, GRPO)
 GAMMA = 1.0                              # discount in GAE
 LAM = 0.95                               # GAE λ
 CLIP_RANGE = 0.2                         # ε of the clipped surrogate objective
@@ -252,6 +256,40 @@ def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, advantages + values
 
 
+def group_advantages(seq_rewards, n, estimator, scale_std=True, eps=1e-4):
+    """Critic-free baselines from the other replies to the same prompt. seq_rewards: [B] total reward of each reply,
+    B = prompts x n with a prompt's n replies consecutive. Returns [B], one advantage per reply, given to each of its
+    tokens. Both sum to 0 within a group.
+    grpo: A = (R - mean of the group) / (std of the group + eps)   (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300;
+          the std is the unbiased one, as TRL's GRPOTrainer; scale_std=False is Dr. GRPO, Liu et al. 2025,
+          "Understanding R1-Zero-Like Training", arXiv:2503.20783: the division favours groups of near-equal rewards)
+    rloo: A = R - mean of the other n - 1 replies   (Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740)"""
+    R = seq_rewards.reshape(-1, n)
+    if estimator == "grpo":
+        A = R - R.mean(1, keepdim=True)
+        return (A / (R.std(1, keepdim=True) + eps) if scale_std else A).reshape(-1)
+    if estimator == "rloo":
+        return (R - (R.sum(1, keepdim=True) - R) / (n - 1)).reshape(-1)
+    raise ValueError(f"unknown group estimator {estimator!r}")
+
+
+def compute_advantages(rewards, values, mask, c):
+    """Step 6 for ADVANTAGE. Returns (advantages, returns); returns (the critic's targets) is None without a critic.
+    gae:         GAE against the critic's values, whitened over the batch (N+, TRL)
+    reinforce++: token-level returns-to-go of the KL-shaped reward (GAE with V = 0, λ = 1), whitened over the batch
+                 of all ranks (Hu 2025, "REINFORCE++", arXiv:2501.03262)
+    grpo, rloo:  the reply's total reward against its group's (group_advantages), on every token of the reply"""
+    if c["ADVANTAGE"] == "gae":
+        advantages, returns = compute_gae(rewards, values, mask, c["GAMMA"], c["LAM"])
+        return masked_whiten(advantages, mask), returns
+    if c["ADVANTAGE"] == "reinforce++":
+        returns_to_go, _ = compute_gae(rewards, torch.zeros_like(rewards), mask, c["GAMMA"], 1.0)
+        return masked_whiten(returns_to_go, mask), None
+    seq = group_advantages(torch.where(mask, rewards, 0.0).sum(1), c["SAMPLES_PER_PROMPT"], c["ADVANTAGE"],
+                           c["GRPO_STD"])
+    return torch.where(mask, seq[:, None], 0.0), None
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
     """The clipped surrogate objective (Schulman et al. 2017), as a loss to minimise:
         L = -E_t[min(r_t·A_t, clip(r_t, 1-ε, 1+ε)·A_t)],  r_t = π_θ(a_t|s_t) / π_old(a_t|s_t)
@@ -335,7 +373,7 @@ class Roles:
     actor: torch.nn.Module
     ref: object
     scorer: object
-    critic: torch.nn.Module
+    critic: torch.nn.Module  # None for a critic-free ADVANTAGE
     critic_path: str
     notes: list
     device: torch.device
@@ -348,6 +386,10 @@ class Roles:
     optimizer: torch.optim.Optimizer = None
     scheduler: object = None
     fsdp: bool = False
+
+    def trained(self):
+        """The trained models: actor and critic, or the actor alone (critic-free)."""
+        return {k: m for k, m in (("actor", self.actor), ("critic", self.critic)) if m is not None}
 
 
 def load_roles(c, device, dtype):
@@ -389,7 +431,9 @@ def load_roles(c, device, dtype):
                          f"last {rm.max_len} (a decoder) or is truncated by its tokenizer (an encoder)")
         scorer = RewardFunction(c["REWARD_FN"], "REWARD_FN", device, rm) if c["REWARD_FN"] else rm
     fresh = False  # whether the critic gets a new value head
-    if c["CRITIC_MODEL"]:  # an explicit critic must read the actor's tokens
+    if c["ADVANTAGE"] != "gae":  # critic-free: the baseline comes from other replies, three roles
+        critic_path = critic = None
+    elif c["CRITIC_MODEL"]:  # an explicit critic must read the actor's tokens
         critic_tok, _ = load_tokenizer(c["CRITIC_MODEL"], "CRITIC_MODEL")
         if critic_tok.get_vocab() != tok.get_vocab():
             raise ConfigError(f"CRITIC_MODEL {c['CRITIC_MODEL']!r} uses a different tokenizer from the actor; the critic "
@@ -409,14 +453,15 @@ def load_roles(c, device, dtype):
                if rm_model.own_pooling else "the reward model's tokenizer differs from the actor's: replies are "
                "re-tokenised for it" if not rm.same_tokenizer else "the reward model has several outputs")
         notes.append(f"{why}; the critic is the actor's weights with a new zero-initialised value head")
-    if lora:
+    if lora and critic is not None:
         adapters["critic"] = Adapter(add_adapters(critic.model, c, "SEQ_CLS"), lambda: load_model(
             "score", critic_path, "CRITIC_MODEL", torch.device("cpu"), base_dtype, fresh_value_head=fresh).model)
         if critic is rm_model:  # the judge is the critic's weights with its adapters off, its own score head included
             rm.model = AdaptersOff(rm_model, adapters["critic"].peft)
-    critic.model.config.pad_token_id = tok.pad_token_id
+    if critic is not None:
+        critic.model.config.pad_token_id = tok.pad_token_id
     if c["GRADIENT_CHECKPOINTING"]:
-        for m in (actor, critic.model):
+        for m in [actor] + ([critic.model] if critic is not None else []):
             m.activation_checkpointing_enable({"use_reentrant": False})
     return Roles(tok, stop_token_ids(tok, actor, c["STOP_TOKENS"]), actor, ref, scorer, critic, critic_path, notes,
                  device, dtype, rm=rm, adapters=adapters)
@@ -1061,8 +1106,8 @@ def sample_responses(model, queries, query_mask, max_new_tokens, temperature, st
 
 
 def rollout(actor, ref, critic, scorer, tok, stop_ids, prompts, c, device, beta, score_moments=None, sync_stop=False):
-    """Steps 1-6 for this rank's share of a rollout batch; a reply ends at any of stop_ids. Returns a dict of [B, T]
-    tensors (names as in N+/TRL) and per-reply info."""
+    """Steps 1-6 for this rank's share of a rollout batch; a reply ends at any of stop_ids. critic None: a
+    critic-free ADVANTAGE. Returns a dict of [B, T] tensors (names as in N+/TRL) and per-reply info."""
     t0 = time.perf_counter()
     # 1 rollout: sample replies to left-padded prompts, with the log π_old of each token
     queries, query_mask = left_pad([p[2] for p in prompts], PAD_ID, device)
@@ -1083,7 +1128,7 @@ def rollout(actor, ref, critic, scorer, tok, stop_ids, prompts, c, device, beta,
     # clip range, so the first minibatch's ratio is 1 up to that rounding. It saves one of the four forwards.
     t0 = time.perf_counter()
     with torch.no_grad():
-        values = critic_values(critic, query_responses, attention_mask, ctx)
+        values = critic_values(critic, query_responses, attention_mask, ctx) if critic is not None else None
     ref_logprobs = frozen_forward(ref, response_logprobs, query_responses, attention_mask, ctx, c["TEMPERATURE"])
     logprobs = torch.where(mask, logprobs, INVALID_LOGPROB)
     ref_logprobs = torch.where(mask, ref_logprobs, INVALID_LOGPROB)
@@ -1098,16 +1143,19 @@ def rollout(actor, ref, critic, scorer, tok, stop_ids, prompts, c, device, beta,
     if c["SCORE_CLIP"] > 0:
         scores = scores.clamp(-c["SCORE_CLIP"], c["SCORE_CLIP"])
 
-    # 5 per-token reward: -β·KL_t everywhere, + score at the last real token
-    rewards, kl, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, mask, beta, c["KL_ESTIMATOR"])
-    # 6 GAE; returns before whitening; advantages whitened over real tokens of the whole batch (N+, TRL), all ranks
-    advantages, returns = compute_gae(rewards, values, mask, c["GAMMA"], c["LAM"])
-    advantages = masked_whiten(advantages, mask)
+    # 5 per-token reward: -β·KL_t everywhere (KL_IN = "reward"; with "loss" β·KL is a term of the loss), + score at
+    # the last real token
+    reward_beta = beta if c["KL_IN"] == "reward" else 0.0
+    rewards, kl, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, mask, reward_beta, c["KL_ESTIMATOR"])
+    # 6 advantages: GAE against the critic (returns before whitening; advantages whitened over the real tokens of the
+    # whole batch, all ranks: N+, TRL), or a critic-free baseline (compute_advantages)
+    advantages, returns = compute_advantages(rewards, values, mask, c)
     return {
         "query_responses": query_responses, "attention_mask": attention_mask, "context_length": ctx,
         "responses": responses, "mask": mask, "ended": ended, "logprobs": logprobs, "ref_logprobs": ref_logprobs,
         "values": values, "scores": scores, "raw_scores": raw_scores, "rewards": rewards, "kl": kl,
         "non_score_reward": non_score_reward, "advantages": advantages, "returns": returns, "replies": replies,
+        "beta": beta,
         "time_generate": t_generate, "time_score": time.perf_counter() - t0,
     }
 
@@ -1138,7 +1186,8 @@ def gradient_sync(modules, sync):
 
 
 UPDATE_STATS = ("policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg", "loss/value_avg",
-                "val/clipfrac_avg", "val/ratio")
+                "val/clipfrac_avg", "val/ratio", "loss/kl_avg")
+CRITIC_METRICS = ("loss/value_avg", "val/clipfrac_avg", "val/explained_var", "val/mean_value")  # none without a critic
 
 
 def ppo_update(actor, critic, optimizer, params, batch, c, sizes=None, scheduler=None):
@@ -1149,17 +1198,20 @@ def ppo_update(actor, critic, optimizer, params, batch, c, sizes=None, scheduler
     train() mode only matters for gradient checkpointing, as every dropout is 0. Returns every micro-batch's stats."""
     sizes = sizes or batch_sizes(c, world_size())
     B, ctx, mb, accum = len(batch["responses"]), batch["context_length"], sizes.micro, sizes.accum
-    actor.train(), critic.train()
+    models = [m for m in (actor, critic) if m is not None]
+    for m in models:
+        m.train()
     stats, steps = [], []
     for _ in range(c["PPO_EPOCHS"]):
         order = torch.randperm(B)
         for start in range(0, B, mb * accum):
             for k in range(accum):
                 idx = order[start + k * mb:start + (k + 1) * mb].to(batch["responses"].device)
-                with gradient_sync((actor, critic), sync=k == accum - 1):
+                with gradient_sync(models, sync=k == accum - 1):
                     stats.append(micro_batch_backward(actor, critic, batch, idx, ctx, c, accum))
             steps.append(optimizer_step(optimizer, params, c["MAX_GRAD_NORM"], scheduler))
-    actor.eval(), critic.eval()
+    for m in models:
+        m.eval()
     # one device-to-host copy for all micro-batch statistics (an .item() each would wait for the GPU every time)
     stats = [dict(zip(UPDATE_STATS, row)) for row in torch.stack(stats).float().tolist()]
     for i, extra in enumerate(steps):  # the optimizer step's numbers go with its last micro-batch
@@ -1169,19 +1221,28 @@ def ppo_update(actor, critic, optimizer, params, batch, c, sizes=None, scheduler
 
 def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum):
     """Forward and backward of one micro-batch (rows idx of the rollout): the clipped policy loss plus VF_COEF times
-    the clipped value loss, divided by the micro-batches of the optimizer step. Returns its statistics (a tensor)."""
+    the clipped value loss (no critic: none), plus β times the k3 KL to the reference when KL_IN = "loss" (GRPO's
+    estimator, unbiased and never negative, its gradient through the current logprobs), divided by the micro-batches
+    of the optimizer step. Returns its statistics (a tensor; NaN where a term is absent)."""
     mb_ids, mb_attn, mb_ctx, T = trim_padding(batch["query_responses"][idx], batch["attention_mask"][idx], ctx,
                                               batch["mask"][idx])
     m = batch["mask"][idx, :T]
     new_logprobs, entropy = response_logprobs(actor, mb_ids, mb_attn, mb_ctx, c["TEMPERATURE"], with_entropy=True)
-    new_values = critic_values(critic, mb_ids, mb_attn, mb_ctx)
     pg_loss, pg = policy_loss(new_logprobs, batch["logprobs"][idx, :T], batch["advantages"][idx, :T], m,
                               c["CLIP_RANGE"])
-    vf_loss, vf_clipfrac = value_loss(new_values, batch["values"][idx, :T], batch["returns"][idx, :T], m,
-                                      c["CLIP_RANGE_VALUE"])
-    ((pg_loss + c["VF_COEF"] * vf_loss) / accum).backward()
+    loss, nan = pg_loss, torch.tensor(float("nan"), device=pg_loss.device)
+    vf_loss = vf_clipfrac = kl_loss = nan
+    if critic is not None:
+        new_values = critic_values(critic, mb_ids, mb_attn, mb_ctx)
+        vf_loss, vf_clipfrac = value_loss(new_values, batch["values"][idx, :T], batch["returns"][idx, :T], m,
+                                          c["CLIP_RANGE_VALUE"])
+        loss = loss + c["VF_COEF"] * vf_loss
+    if c["KL_IN"] == "loss":
+        kl_loss = masked_mean(kl_per_token(new_logprobs, batch["ref_logprobs"][idx, :T], "k3"), m)
+        loss = loss + batch["beta"] * kl_loss
+    (loss / accum).backward()
     return torch.stack([pg["approxkl"], pg["clipfrac"], masked_mean(entropy, m), pg_loss.detach(), vf_loss.detach(),
-                        vf_clipfrac, pg["ratio"]])
+                        vf_clipfrac, pg["ratio"], kl_loss.detach()])
 
 
 def optimizer_step(optimizer, params, max_grad_norm, scheduler=None):
@@ -1229,7 +1290,6 @@ def step_metrics(batch, mb_stats, beta, gold, batch_prompts, lr, t_train):
     """The step's numbers (TRL's names where TRL has one; each declared in METRICS), averaged over all micro-batches
     of the step and over ranks. The loop adds step, episodes, evaluation and timing columns."""
     mask, returns, values = batch["mask"], batch["returns"], batch["values"]
-    var_returns = torch.var(returns[mask], unbiased=False)
     resp_tokens = [r[m].tolist() for r, m in zip(batch["responses"].cpu(), mask.cpu())]
     row = {
         "objective/scores": batch["scores"].mean().item(),
@@ -1240,9 +1300,6 @@ def step_metrics(batch, mb_stats, beta, gold, batch_prompts, lr, t_train):
         "objective/gold_scores": float(np.mean(gold([p[1] for p in batch_prompts], batch["replies"])))
         if gold else float("nan"),
         **{k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in mb_stats[-1]},
-        "val/explained_var": (1 - torch.var((returns - values)[mask], unbiased=False) / var_returns).item()
-        if var_returns > 0 else float("nan"),
-        "val/mean_value": masked_mean(values, mask).item(),
         "resp/length_mean": mask.sum(1).float().mean().item(),
         "resp/eos_frac": batch["ended"].float().mean().item(),
         "resp/repetition": float(np.mean([repetition_rate(t) for t in resp_tokens])),
@@ -1250,6 +1307,15 @@ def step_metrics(batch, mb_stats, beta, gold, batch_prompts, lr, t_train):
         "time/tokens_per_s": mask.sum().item() * world_size()
         / (batch["time_generate"] + batch["time_score"] + t_train),
     }
+    if values is not None:
+        var_returns = torch.var(returns[mask], unbiased=False)
+        row["val/explained_var"] = (1 - torch.var((returns - values)[mask], unbiased=False) / var_returns).item() \
+            if var_returns > 0 else float("nan")
+        row["val/mean_value"] = masked_mean(values, mask).item()
+    else:  # no critic: no value metrics (absent from the CSV, not zeros)
+        row = {k: v for k, v in row.items() if k not in CRITIC_METRICS}
+    if math.isnan(row.get("loss/kl_avg", 0.0)):  # KL_IN = "reward": no KL term in the loss
+        del row["loss/kl_avg"]
     return dict(all_mean(row), **{"objective/kl_coef": beta, "lr": lr})
 
 
@@ -1317,14 +1383,16 @@ def train(c):
 @dataclasses.dataclass(frozen=True)
 class BatchSizes:
     """The batch sizes of a run, derived once from the config and the number of processes (LLaMA-Factory's scheme)."""
-    rollout: int   # prompts per PPO step, all processes: MINI_BATCH_SIZE × GRAD_ACCUM × PPO_BUFFER_SIZE
-    per_rank: int  # prompts per PPO step on each process
+    rollout: int   # replies per PPO step, all processes: MINI_BATCH_SIZE × GRAD_ACCUM × PPO_BUFFER_SIZE
+    per_rank: int  # replies per PPO step on each process
+    samples: int   # replies per prompt (SAMPLES_PER_PROMPT), consecutive and on one process
     micro: int     # sequences per forward/backward: MINI_BATCH_SIZE
     accum: int     # micro-batches per optimizer step on each process: GRAD_ACCUM / processes
     world: int     # processes
 
     def describe(self):
-        return (f"rollout batch {self.rollout} prompts per PPO step ({self.per_rank} per process); each epoch "
+        prompts = f"replies ({self.rollout // self.samples} prompts x {self.samples})" if self.samples > 1 else "prompts"
+        return (f"rollout batch {self.rollout} {prompts} per PPO step ({self.per_rank} per process); each epoch "
                 f"{self.rollout // (self.micro * self.accum * self.world)} optimizer steps of "
                 f"{self.micro * self.accum * self.world} sequences, {self.accum} micro-batches of {self.micro} "
                 f"per process")
@@ -1336,8 +1404,12 @@ def batch_sizes(c, world):
         raise ConfigError(f"GRAD_ACCUM = {c['GRAD_ACCUM']} does not divide by the {world} processes: set "
                           f"--grad_accum to a multiple of {world} (the rollout batch, MINI_BATCH_SIZE x GRAD_ACCUM x "
                           f"PPO_BUFFER_SIZE, is shared out over the processes)")
-    rollout = c["MINI_BATCH_SIZE"] * c["GRAD_ACCUM"] * c["PPO_BUFFER_SIZE"]
-    return BatchSizes(rollout=rollout, per_rank=rollout // world, micro=c["MINI_BATCH_SIZE"],
+    rollout, n = c["MINI_BATCH_SIZE"] * c["GRAD_ACCUM"] * c["PPO_BUFFER_SIZE"], c["SAMPLES_PER_PROMPT"]
+    if (rollout // world) % n:
+        raise ConfigError(f"SAMPLES_PER_PROMPT = {n} does not divide the {rollout // world} replies per process (rollout "
+                          f"batch MINI_BATCH_SIZE x GRAD_ACCUM x PPO_BUFFER_SIZE = {rollout} over {world} processes): a "
+                          f"prompt's replies stay on one process; make MINI_BATCH_SIZE a multiple of {n}")
+    return BatchSizes(rollout=rollout, per_rank=rollout // world, samples=n, micro=c["MINI_BATCH_SIZE"],
                       accum=c["GRAD_ACCUM"] // world, world=world)
 
 
@@ -1368,6 +1440,15 @@ def check_config(c):
               "MISSING_EOS_PENALTY", "WEIGHT_DECAY"):
         if c[k] < 0:
             raise ConfigError(f"{k} = {c[k]} must be >= 0")
+    if c["ADVANTAGE"] not in ("gae", "grpo", "rloo", "reinforce++"):
+        raise ConfigError(f"ADVANTAGE = {c['ADVANTAGE']!r} must be gae, grpo, rloo or reinforce++")
+    if c["SAMPLES_PER_PROMPT"] < (2 if c["ADVANTAGE"] in ("grpo", "rloo") else 1):
+        raise ConfigError(f"SAMPLES_PER_PROMPT = {c['SAMPLES_PER_PROMPT']} is too few for ADVANTAGE = "
+                          f"{c['ADVANTAGE']!r}: " + ("its baseline is the other replies to the same prompt; use 2 or "
+                                                     "more (4-16 is usual)" if c["ADVANTAGE"] in ("grpo", "rloo")
+                                                     else "use 1 or more"))
+    if c["KL_IN"] not in ("reward", "loss"):
+        raise ConfigError(f"KL_IN = {c['KL_IN']!r} must be 'reward' or 'loss'")
     if c["KL_ESTIMATOR"] not in ("k1", "k3"):
         raise ConfigError(f"KL_ESTIMATOR = {c['KL_ESTIMATOR']!r} must be 'k1' or 'k3'")
     if not 0 <= c["LAM"] <= 1 or not 0 <= c["GAMMA"] <= 1:
@@ -1426,7 +1507,7 @@ class Run:
         self.roles = roles = load_roles(c, self.device, self.dtype)
         roles.actor_train, roles.critic_train = wrap_for_training(roles.actor, roles.critic, c, self.device)
         roles.fsdp = dist_on() and c["DISTRIBUTED"] == "fsdp"
-        roles.params = trainable_parameters([roles.actor_train, roles.critic_train])
+        roles.params = trainable_parameters([m for m in (roles.actor_train, roles.critic_train) if m is not None])
         # one AdamW over actor and critic, as N+ and TRL-new (PolicyAndValueWrapper): one step, one gradient clip;
         # fused: one kernel for all parameters instead of a loop over tensors (4x faster on the demo's CPU step)
         roles.optimizer = torch.optim.AdamW(roles.params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"],
@@ -1456,14 +1537,14 @@ class Run:
         """Prompt-only data (the 'output' field is never read); prompt + reply must fit every model reading actor
         tokens. Evaluation: EVAL_SIZE prompts, an equal share per rank."""
         c, roles = self.c, self.roles
-        budget, why = prompt_budget(c, [("ACTOR_MODEL", roles.actor), ("REF_MODEL", roles.ref),
-                                        ("CRITIC_MODEL", roles.critic.model)]
+        budget, why = prompt_budget(c, [("ACTOR_MODEL", roles.actor), ("REF_MODEL", roles.ref)]
+                                    + ([("CRITIC_MODEL", roles.critic.model)] if roles.critic is not None else [])
                                     + ([("REWARD_MODEL", roles.rm.model.model)] if roles.rm and roles.rm.same_tokenizer
                                        else []))
         self.prompts = load_prompts(c["PROMPT_FILE"], roles.tok, budget, "PROMPT_FILE", self.log, why)
-        if len(self.prompts) < self.sizes.rollout:
+        if len(self.prompts) < self.sizes.rollout // self.sizes.samples:
             raise ConfigError(f"PROMPT_FILE has {len(self.prompts)} usable prompts, fewer than one rollout batch "
-                              f"({self.sizes.rollout}); add prompts or lower MINI_BATCH_SIZE")
+                              f"({self.sizes.rollout // self.sizes.samples}); add prompts or lower MINI_BATCH_SIZE")
         ev = load_prompts(c["EVAL_FILE"], roles.tok, budget, "EVAL_FILE", self.log, why) if c["EVAL_FILE"] else []
         ev = ev[:c["EVAL_SIZE"]] if c["EVAL_SIZE"] else ev
         self.eval_prompts = ev[:len(ev) // self.sizes.world * self.sizes.world]
@@ -1473,6 +1554,7 @@ class Run:
         c, roles, tok = self.c, self.roles, self.roles.tok
         ref_path = c["REF_MODEL"] or c["ACTOR_MODEL"]
         self.derived = {"ROLLOUT_BATCH": self.sizes.rollout, "PER_RANK_BATCH": self.sizes.per_rank,
+                        "PROMPTS_PER_STEP": self.sizes.rollout // self.sizes.samples,
                         "world_size": self.sizes.world, "device": str(self.device),
                         "dtype": str(self.dtype).replace("torch.", ""), "REF_MODEL": ref_path,
                         "CRITIC_MODEL": roles.critic_path, "threads": torch.get_num_threads()}
@@ -1491,15 +1573,18 @@ class Run:
         shared = [f"{name} = {of} with its adapters off" for name, role, of in
                   (("reference", roles.ref, "actor"), ("reward", roles.rm and roles.rm.model, "critic"))
                   if isinstance(role, AdaptersOff)]
-        self.log(f"models: actor {roles.actor.num_parameters():,} params, critic {roles.critic.model.num_parameters():,}"
-                 f"; trained {trained:,}{lora}"
+        critic_params = roles.critic.model.num_parameters() if roles.critic is not None else 0
+        critic = f"critic {critic_params:,}" if roles.critic is not None else f"no critic ({c['ADVANTAGE']})"
+        self.log(f"models: actor {roles.actor.num_parameters():,} params, {critic}; trained {trained:,}{lora}"
                  f", reward {reward}; "
                  f"prompts: {len(self.prompts)} train, {len(self.eval_prompts)} eval")
         for line in shared:
             self.log(f"note: the {line} (LoRA: one model in memory for both roles)")
         self.models = {"actor": c["ACTOR_MODEL"], "reference": ref_path, "reward": c["REWARD_MODEL"],
                        "critic": roles.critic_path, "actor_params": roles.actor.num_parameters(),
-                       "critic_params": roles.critic.model.num_parameters(), "trained_params": trained,
+                       "critic_params": critic_params, "trained_params": trained,
+                       "roles_loaded": ["actor", "reference", "reward"] + (["critic"] if roles.critic is not None else []),
+                       "advantage": c["ADVANTAGE"],
                        "lora": {"r": c["LORA_R"], "alpha": c["LORA_ALPHA"], "target_modules": c["LORA_TARGET_MODULES"],
                                 "shared": shared} if roles.adapters else None,
                        "reward_fn": c["REWARD_FN"] or None, "reward_is_function": roles.rm is None,
@@ -1581,14 +1666,16 @@ class Run:
         return self.bar
 
     def next_prompts(self):
-        """This rank's share of the next rollout batch; a fresh shuffle of the prompts each pass (same on all ranks)."""
+        """This rank's share of the next rollout batch; a fresh shuffle of the prompts each pass (same on all ranks).
+        With SAMPLES_PER_PROMPT = n each prompt comes n times in a row, and a prompt's n replies are on one rank."""
         self.t_step = time.perf_counter()
-        state, n = self.state, self.sizes.rollout
-        if state.cursor + n > len(state.order):
+        state, n = self.state, self.sizes.samples
+        per_step, per_rank = self.sizes.rollout // n, self.sizes.per_rank // n  # prompts
+        if state.cursor + per_step > len(state.order):
             state.order, state.cursor = torch.randperm(len(self.prompts), generator=self.prompt_rng).tolist(), 0
-        start = state.cursor + self.rank * self.sizes.per_rank
-        state.cursor += n
-        return [self.prompts[i] for i in state.order[start:start + self.sizes.per_rank]]
+        start = state.cursor + self.rank * per_rank
+        state.cursor += per_step
+        return [self.prompts[i] for i in state.order[start:start + per_rank] for _ in range(n)]
 
     def record(self, step, row, batch, prompts):
         """Complete the step's row (METRICS order), evaluate when due, write the CSV row and samples, update the
@@ -1597,7 +1684,7 @@ class Run:
         row.update({"step": step, "episodes": step * self.sizes.rollout})
         if dist_on():  # every rank must hold the same β and (DDP) the same weights; FSDP shards differ by design
             seen = all_gather_list([(self.kl_ctl.value, None if roles.fsdp else
-                                     params_checksum([roles.actor, roles.critic]))])
+                                     params_checksum(roles.trained().values()))])
             row["dist/ranks_in_sync"] = float(all(x == seen[0] for x in seen))
         for k in ("generate", "score", "train"):
             state.timing[k] += row[f"time/{k}_s"]
@@ -1757,7 +1844,7 @@ def set_rng_state(state, prompt_rng):
 def trained_state(roles):
     """(model state, optimizer state) of what trains: actor + critic, under LoRA their adapters and value head only
     (the frozen base is the model on disk). Under FSDP gathered in full to the CPU (a collective)."""
-    pair = torch.nn.ModuleDict({"actor": roles.actor, "critic": roles.critic})
+    pair = torch.nn.ModuleDict(roles.trained())
     if not roles.fsdp:
         model_state, optim_state = pair.state_dict(), roles.optimizer.state_dict()
     else:
@@ -1771,7 +1858,7 @@ def trained_state(roles):
 
 
 def load_trained_state(roles, model_state, optim_state):
-    pair = torch.nn.ModuleDict({"actor": roles.actor, "critic": roles.critic})
+    pair = torch.nn.ModuleDict(roles.trained())
     if not roles.fsdp:
         pair.load_state_dict(model_state, strict=not roles.adapters)  # LoRA: the frozen base is not in the file
         roles.optimizer.load_state_dict(optim_state)
@@ -1902,7 +1989,7 @@ def save_models(roles, model_dir, master):
     actor, tok, stop_ids = roles.actor, roles.tok, roles.stop_ids
     actor.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
     actor.generation_config.pad_token_id = tok.pad_token_id
-    for name, m in (("actor", actor), ("critic", roles.critic.model)):
+    for name, m in [("actor", actor)] + ([("critic", roles.critic.model)] if roles.critic is not None else []):
         adapter = roles.adapters.get(name)
         state = None
         if roles.fsdp:
@@ -1946,6 +2033,7 @@ METRICS = {
     "loss/value_avg": ("micro", ("value loss", "value"), "min"),
     "val/clipfrac_avg": ("micro", (CLIP, "value clipfrac"), None),
     "val/ratio": ("micro", None, None),
+    "loss/kl_avg": ("micro", ("policy loss", "k3 KL term (KL_IN = loss)"), None),
     "policy/grad_norm": ("optim", None, None),
     "train/skipped_frac": ("optim", None, None),
     "val/explained_var": ("batch", None, "max"),
@@ -2373,11 +2461,11 @@ def wrap_for_training(actor, critic, c, device):
     if c["DISTRIBUTED"] == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return (torch.nn.parallel.DistributedDataParallel(actor, device_ids=ids),
-                torch.nn.parallel.DistributedDataParallel(critic, device_ids=ids))
+                torch.nn.parallel.DistributedDataParallel(critic, device_ids=ids) if critic is not None else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (world_size(),))
-    for root, hf_model in ((actor, actor), (critic, critic.model)):
+    for root, hf_model in [(actor, actor)] + ([(critic, critic.model)] if critic is not None else []):
         layer_classes = set(getattr(hf_model, "_no_split_modules", None) or [])
         for m in hf_model.modules():
             if type(m).__name__ in layer_classes:

@@ -1,0 +1,135 @@
+"""Critic-free advantages beside GAE: GRPO, RLOO and REINFORCE++ against hand computations, KL in the loss, a prompt's
+replies kept together (in the batch and on one process), three roles loaded, exact resume, torchrun."""
+import csv
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import ppo
+
+from conftest import ROOT, make_config
+
+
+def rows(out):
+    return list(csv.DictReader(open(os.path.join(out, "ppo_metrics/training_metrics.csv"))))
+
+
+def test_group_estimators_against_hand_computation():
+    R = torch.tensor([1.0, 3.0, 2.0, 6.0, 0.0, 0.0])  # groups of n = 2: (1, 3), (2, 6), (0, 0)
+    # GRPO: (R - mean) / (std + 1e-4), std unbiased: group (1, 3) has mean 2, std sqrt(2)
+    s = 2 ** 0.5
+    grpo = ppo.group_advantages(R, 2, "grpo")
+    assert grpo.tolist() == pytest.approx([-1 / (s + 1e-4), 1 / (s + 1e-4), -2 / (2 * s + 1e-4), 2 / (2 * s + 1e-4),
+                                           0, 0], abs=1e-6)
+    assert ppo.group_advantages(R, 2, "grpo", scale_std=False).tolist() == [-1, 1, -2, 2, 0, 0]  # Dr. GRPO
+    # RLOO: R - mean of the other n - 1; n = 3: group (1, 3, 2) -> 1 - 2.5, 3 - 1.5, 2 - 2
+    R3 = torch.tensor([1.0, 3.0, 2.0, 6.0, 0.0, 0.0])
+    assert ppo.group_advantages(R3, 3, "rloo").tolist() == pytest.approx([-1.5, 1.5, 0.0, 6.0, -3.0, -3.0])
+    for n in (2, 3, 6):  # a group's baselines sum to 0
+        for est in ("grpo", "rloo"):
+            assert ppo.group_advantages(R3, n, est).reshape(-1, n).sum(1).abs().max() < 1e-5
+
+
+def test_compute_advantages_per_estimator():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    rewards = torch.tensor([[-0.1, -0.2, 1.0, 9.0], [0.1, 2.0, 9.0, 9.0], [0.0, 0.0, 0.0, -1.0], [3.0, 9.0, 9.0, 9.0]])
+    c = dict(ppo.__dict__, **{k: getattr(ppo, k) for k in ppo.CONFIG_KEYS})
+    # GRPO / RLOO: the reply's total reward (masked slots ignored), one advantage on each of its tokens
+    totals = torch.tensor([0.7, 2.1, -1.0, 3.0])
+    for est in ("grpo", "rloo"):
+        adv, ret = ppo.compute_advantages(rewards, None, mask, dict(c, ADVANTAGE=est, SAMPLES_PER_PROMPT=2))
+        expected = ppo.group_advantages(totals, 2, est)
+        assert ret is None and torch.allclose(adv, torch.where(mask, expected[:, None], 0.0), atol=1e-6)
+    # REINFORCE++: returns-to-go (γ = 1) of the shaped reward, whitened over all real tokens of the batch
+    adv, ret = ppo.compute_advantages(rewards, None, mask, dict(c, ADVANTAGE="reinforce++", GAMMA=1.0))
+    togo = [[0.7, 0.8, 1.0], [2.1, 2.0], [-1.0, -1.0, -1.0, -1.0], [3.0]]
+    flat = torch.tensor([x for row in togo for x in row])
+    whitened = (flat - flat.mean()) / flat.var(unbiased=False).add(1e-8).sqrt()
+    assert torch.allclose(adv[mask], whitened, atol=1e-5) and (adv[~mask] == 0).all()
+
+
+def test_kl_in_the_loss_is_beta_times_k3():
+    """With KL_IN = loss the reward holds no KL and the loss adds β·mean k3(π, π_ref); its gradient pulls the
+    policy to the reference."""
+    torch.manual_seed(0)
+    lp_ref = torch.log_softmax(torch.randn(3), 0)
+    theta = torch.randn(3, requires_grad=True)
+    lp = torch.log_softmax(theta, 0)
+    k3 = ppo.kl_per_token(lp, lp_ref, "k3")
+    assert torch.allclose(k3, torch.expm1(lp_ref - lp) - (lp_ref - lp)) and (k3 >= 0).all()
+    rewards, kl, non_score = ppo.compute_rewards(torch.tensor([2.0]), lp[None].detach(), lp_ref[None],
+                                                 torch.ones(1, 3, dtype=torch.bool), 0.0)
+    assert rewards.tolist() == [[0.0, 0.0, 2.0]] and (non_score == 0).all() and kl.abs().sum() > 0
+
+
+def fake_run(n, world, rank, mb=4):
+    c = make_config(MINI_BATCH_SIZE=mb, GRAD_ACCUM=world, PPO_BUFFER_SIZE=1, SAMPLES_PER_PROMPT=n)
+    sizes = ppo.batch_sizes(c, world)
+    return types.SimpleNamespace(sizes=sizes, rank=rank, prompts=[(f"p{i}", None, [i]) for i in range(40)],
+                                 state=ppo.RunState(config={}, kl_coef=0.1),
+                                 prompt_rng=torch.Generator().manual_seed(0))
+
+
+def test_a_prompts_replies_stay_together_and_on_one_process():
+    shares = []
+    for rank in (0, 1):
+        run = fake_run(n=4, world=2, rank=rank)
+        got = [p[0] for p in ppo.Run.next_prompts(run)]
+        assert len(got) == run.sizes.per_rank == 4  # 4 replies per process: one prompt, 4 times in a row
+        assert [got[i] for i in range(0, 4, 4) for _ in range(4)] == got
+        shares.append(set(got))
+    assert not shares[0] & shares[1]  # a prompt's group is on one process, never split
+    run = fake_run(n=2, world=1, rank=0, mb=8)
+    a, b = ppo.Run.next_prompts(run), ppo.Run.next_prompts(run)
+    assert [p[0] for p in a[::2]] == [p[0] for p in a[1::2]] and len({p[0] for p in a + b}) == 8
+    with pytest.raises(ppo.ConfigError, match="SAMPLES_PER_PROMPT = 3 does not divide the 4 replies per process"):
+        ppo.batch_sizes(make_config(MINI_BATCH_SIZE=4, SAMPLES_PER_PROMPT=3), 1)
+    with pytest.raises(ppo.ConfigError, match="too few for ADVANTAGE = 'grpo'"):
+        ppo.train(make_config(ADVANTAGE="grpo", SAMPLES_PER_PROMPT=1))
+
+
+@pytest.mark.parametrize("adv,n,kl_in,lora", [("grpo", 2, "loss", 0), ("rloo", 4, "reward", 0),
+                                               ("reinforce++", 1, "reward", 0), ("grpo", 4, "reward", 8)])
+def test_two_critic_free_steps_load_three_roles_and_log_no_value_metrics(adv, n, kl_in, lora, tmp_path):
+    s = ppo.train(make_config(tmp_path, TOTAL_STEPS=2, EVAL_SIZE=4, ADVANTAGE=adv, SAMPLES_PER_PROMPT=n, KL_IN=kl_in,
+                              LORA_R=lora, SAVE_MODEL=True))
+    assert s["models"]["roles_loaded"] == ["actor", "reference", "reward"] and s["models"]["critic"] is None
+    assert s["derived"]["PROMPTS_PER_STEP"] == 4 // n
+    out = rows(tmp_path)
+    assert len(out) == 2 and abs(float(out[0]["objective/kl"])) < 1e-4
+    assert not any(k.startswith("val/") and k != "val/ratio" or k == "loss/value_avg" for k in out[0])
+    assert ("loss/kl_avg" in out[0]) == (kl_in == "loss")
+    if kl_in == "loss":
+        assert float(out[0]["objective/non_score_reward"]) == 0 and float(out[1]["loss/kl_avg"]) >= 0
+    assert sorted(os.listdir(tmp_path / "ppo_model")) == (["actor", "actor_adapter"] if lora else ["actor"])
+
+
+def test_critic_free_resume_is_exact(tmp_path):
+    kw = dict(EVAL_FILE="", ADVANTAGE="grpo", SAMPLES_PER_PROMPT=2, KL_IN="loss")
+    ppo.train(make_config(tmp_path / "a", TOTAL_STEPS=4, **kw))
+    ppo.train(make_config(tmp_path / "b", TOTAL_STEPS=2, **kw))
+    ppo.train(make_config(tmp_path / "b", TOTAL_STEPS=4, **kw))
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        for k in x:
+            if not k.startswith("time/"):
+                assert float(x[k]) == pytest.approx(float(y[k]), abs=1e-6, nan_ok=True), (x["step"], k)
+
+
+def test_torchrun_grpo_keeps_groups_on_one_process(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "code/ppo.py"), "--total_steps=2", "--mini_batch_size=4", "--grad_accum=2",
+           "--ppo_buffer_size=1", "--ppo_epochs=2", "--max_new_tokens=12", "--eval_size=4", "--device=cpu",
+           "--advantage=grpo", "--samples_per_prompt=4", "--save_model=false", f"--output_dir={tmp_path}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = rows(tmp_path)
+    assert len(out) == 2 and all(float(x["dist/ranks_in_sync"]) == 1.0 for x in out)
+    assert int(out[-1]["episodes"]) == 16  # 2 steps x 8 replies: 2 prompts x 4, one prompt per process
+    assert "rollout batch 8 replies (2 prompts x 4) per PPO step (4 per process)" in r.stdout
