@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import ppo  # noqa: E402
 
-PILOT_STEPS = 12
+PILOT_STEPS = 30
 # the same rollout batch of 16 replies for every estimator; the group estimators sample 4 replies for each of 4 prompts
 ESTIMATORS = {
     "gae": [],
