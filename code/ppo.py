@@ -6,10 +6,10 @@
 
 One PPO step (ppo_step) = 1 rollout (sample replies to a batch of prompts, with the actor's logprobs) · 2 truncate
 at EOS + masks · 3 reference logprobs, critic values · 4 reward-model scores · 5 per-token KL-penalised rewards ·
-6 GAE advantages · 7 PPO epochs of clipped policy + value updates over minibatches · 8 log, adapt the KL
-coefficient β. The file reads in that order: the config, the PPO core (math, the four roles, steps 1-8, evaluation),
-the loop (train), and below a divider the plumbing (run setup and resume, checkpoints and interrupts, reporting,
-command line, distributed helpers).
+6 GAE advantages (or, without a critic, a baseline from the other replies: ADVANTAGE) · 7 PPO epochs of clipped
+policy + value updates over minibatches · 8 log, adapt the KL coefficient β. The file reads in that order: the
+config, the PPO core (math, the four roles, steps 1-8, evaluation), the loop (train), and below a divider the
+plumbing (run setup and resume, checkpoints and interrupts, reporting, command line, distributed helpers).
 
 Everything the run writes goes under OUTPUT_DIR, read in this order:
     ppo_metrics/summary.json          the run at a glance: before/after evaluation, health verdicts, timings
@@ -399,7 +399,9 @@ def load_roles(c, device, dtype):
     LoRA (LORA_R > 0): only adapters (and the critic's value head) train, in fp32; the frozen base weights of actor
     and critic are stored in `dtype`, and four roles live in two models: the Reference is the actor with its adapters
     off (when REF_MODEL is the actor's path), the Reward model the critic with its adapters off (when the critic
-    defaults to the reward model). Explicit REF_MODEL / CRITIC_MODEL paths load separately."""
+    defaults to the reward model). Explicit REF_MODEL / CRITIC_MODEL paths load separately.
+    A critic-free ADVANTAGE (grpo, rloo, reinforce++) loads no critic: three roles. A .py REWARD_MODEL loads no
+    reward model: the reward is that function."""
     ref_path = c["REF_MODEL"] or c["ACTOR_MODEL"]
     frozen_device = torch.device("cpu") if c["OFFLOAD_FROZEN"] else device
     lora = c["LORA_R"] > 0

@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import sys
@@ -24,6 +25,20 @@ def make_config(out=None, **overrides):
     c.update(SMALL, **({"OUTPUT_DIR": str(out)} if out is not None else {}))
     c.update(overrides)
     return c
+
+
+def metrics_rows(out):
+    """The rows of a run's ppo_metrics/training_metrics.csv."""
+    return list(csv.DictReader(open(os.path.join(out, "ppo_metrics", "training_metrics.csv"))))
+
+
+def assert_same_rows(a, b):
+    """Two runs' CSV rows agree in every column but the wall-clock ones (exact resume, repeatable seeds)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for k in x:
+            if not k.startswith("time/"):
+                assert float(x[k]) == pytest.approx(float(y[k]), abs=1e-6, nan_ok=True), (x["step"], k, x[k], y[k])
 
 
 def make_args(**overrides):

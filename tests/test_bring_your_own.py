@@ -13,7 +13,7 @@ import torch
 
 import ppo
 
-from conftest import ROOT, SFT, make_config
+from conftest import ROOT, SFT, assert_same_rows, make_config
 
 CPU = torch.device("cpu")
 GOLD = os.path.join(ROOT, "data/demo_gold_reward.py")
@@ -169,9 +169,6 @@ def test_lr_schedule_warmup_cosine_and_exact_resume(tmp_path):
     os.rename(ckpt / "step_00000003", tmp_path / "step3_moved")  # keep step 2 as the newest checkpoint
     ppo.train(make_config(tmp_path / "c", **dict(c, SAVE_EVERY=1)))
     c_rows = list(csv.DictReader(open(tmp_path / "c/ppo_metrics/training_metrics.csv")))
-    for x, y in zip(a, c_rows):
-        for k in x:
-            if not k.startswith("time/"):
-                assert float(x[k]) == pytest.approx(float(y[k]), abs=1e-6, nan_ok=True), (x["step"], k)
+    assert_same_rows(a, c_rows)
     with pytest.raises(ppo.ConfigError, match="LR_SCHEDULE = 'step'"):
         ppo.train(make_config(tmp_path / "d", LR_SCHEDULE="step"))

@@ -13,7 +13,7 @@ import torch
 
 import ppo
 
-from conftest import RM, ROOT, SFT, make_args, make_config as config
+from conftest import RM, ROOT, SFT, assert_same_rows, make_args, make_config as config
 
 SCRIPT = os.path.join(ROOT, "code/ppo.py")
 SMALL = make_args()
@@ -23,20 +23,12 @@ def rows(out):
     return list(csv.DictReader(open(os.path.join(out, "ppo_metrics/training_metrics.csv"))))
 
 
-def same_rows(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        for k in x:
-            if not k.startswith("time/"):
-                assert float(x[k]) == pytest.approx(float(y[k]), abs=1e-6, nan_ok=True), k
-
-
 def test_four_steps_equal_two_then_two_resumed(tmp_path):
     ppo.train(config(tmp_path / "a", TOTAL_STEPS=4))
     ppo.train(config(tmp_path / "b", TOTAL_STEPS=2))
     s = ppo.train(config(tmp_path / "b", TOTAL_STEPS=4))  # RESUME=auto continues from step 2
     assert s["status"] == "finished" and s["steps"] == 4
-    same_rows(rows(tmp_path / "a"), rows(tmp_path / "b"))
+    assert_same_rows(rows(tmp_path / "a"), rows(tmp_path / "b"))
     assert sorted(os.listdir(tmp_path / "b/checkpoints")) == ["step_00000002", "step_00000004"]
     # a finished run is not redone: outputs stay as they are
     before = (tmp_path / "b/ppo_metrics/summary.json").read_bytes()

@@ -11,7 +11,7 @@ import torch
 
 import ppo
 
-from conftest import RM, ROOT, make_config
+from conftest import RM, ROOT, assert_same_rows, make_config
 
 CPU = torch.device("cpu")
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
@@ -152,7 +152,4 @@ def test_torchrun_resume_is_exact(mode, tmp_path):
     a = list(csv.DictReader(open(tmp_path / "a/ppo_metrics/training_metrics.csv")))
     b = list(csv.DictReader(open(tmp_path / "b/ppo_metrics/training_metrics.csv")))
     assert len(a) == len(b) == 4
-    for x, y in zip(a, b):
-        for k in x:
-            if not k.startswith("time/"):
-                assert float(x[k]) == pytest.approx(float(y[k]), abs=1e-6, nan_ok=True), (x["step"], k, x[k], y[k])
+    assert_same_rows(a, b)
