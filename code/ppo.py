@@ -1632,6 +1632,10 @@ class Run:
         c, state = self.c, self.state
         self.csv_file = self.writer = None
         if self.master:
+            # dashboards first: a login or network failure is one line before any earlier output is touched
+            self.dashboards.open(c["OUTPUT_DIR"], {"config": state.config, "derived": self.derived})
+            if not self.resume_path and state.eval_before:
+                self.dashboards.log(eval_columns(state.eval_before), 0)
             if self.move_aside:
                 aside = f"{self.ckpt_dir}_before_{time.strftime('%Y%m%d-%H%M%S')}"
                 os.replace(self.ckpt_dir, aside)
@@ -1646,9 +1650,6 @@ class Run:
             if state.rows:
                 self.write_rows(state.rows)
             os.replace(path + ".tmp", path)
-            self.dashboards.open(c["OUTPUT_DIR"], {"config": state.config, "derived": self.derived})
-            if not self.resume_path and state.eval_before:
-                self.dashboards.log(eval_columns(state.eval_before), 0)
         self.stop = StopFlag(self.log)
         self.last_saved = state.step if self.resume_path else -1
         self.bar = tqdm(range(state.step + 1, c["TOTAL_STEPS"] + 1), desc="PPO", dynamic_ncols=True,
@@ -2089,7 +2090,13 @@ class Dashboards:
             self.tb.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "))
         if "wandb" in self.names:
             import wandb
-            self.wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ppo-rlhf"), dir=output_dir, config=config)
+            try:
+                self.wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ppo-rlhf"), dir=output_dir,
+                                     config=config)
+            except Exception as e:  # no login, no network: the user's setup, reported in one line
+                self.close()
+                raise ConfigError(f"REPORT_TO=wandb: wandb.init failed ({first_line(e)}); run `wandb login`, or set "
+                                  f"WANDB_MODE=offline to log to files (wandb sync later)") from None
 
     def log(self, row, step):
         values = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}

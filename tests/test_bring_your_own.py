@@ -144,6 +144,14 @@ def test_wandb_offline_and_missing_packages(tmp_path, monkeypatch):
     samples = [json.loads(line) for line in open(tmp_path / "ppo_metrics/samples.jsonl")]
     assert len(tables) == 2 and json.load(open(sorted(tables)[0]))["columns"] == ["prompt", "reply", "score"]
     assert any(json.load(open(t))["data"][0][1] == samples[0]["reply"] for t in tables)
+    # a W&B login or network failure: one line, and the earlier outputs are untouched
+    import wandb
+    before = (tmp_path / "ppo_metrics/training_metrics.csv").read_bytes()
+    monkeypatch.setattr(wandb, "init", lambda **kw: (_ for _ in ()).throw(RuntimeError("api_key not configured")))
+    with pytest.raises(ppo.ConfigError, match="wandb.init failed .RuntimeError: api_key not configured.; run `wandb login`"):
+        ppo.train(make_config(tmp_path, TOTAL_STEPS=3, EVAL_FILE="", REPORT_TO="wandb", RESUME="never"))
+    assert (tmp_path / "ppo_metrics/training_metrics.csv").read_bytes() == before
+    assert len(os.listdir(tmp_path / "checkpoints")) == 1  # not moved aside
     # a missing package or an unknown name: one line, before anything is written
     real = ppo.importlib.util.find_spec
     monkeypatch.setattr(ppo.importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
