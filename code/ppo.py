@@ -2099,6 +2099,8 @@ class Dashboards:
                                   f"WANDB_MODE=offline to log to files (wandb sync later)") from None
 
     def log(self, row, step):
+        if not (self.tb or self.wb):
+            return
         values = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self.tb:
             for k, v in values.items():
