@@ -6,10 +6,10 @@ at the same wall-clock budget of training (not the same number of steps), over s
 
 First a short pilot run of each estimator (PILOT_STEPS steps; keep the machine quiet for these) measures the median
 step time and the peak memory; the budget then sets TOTAL_STEPS = budget / step time, and each seed trains that many
-steps in a process of its own (evaluated on the held-out prompts before and after, EVAL_EVERY=0). Step counts come from the
-pilot, so the learning numbers do not depend on what else runs on the machine later. Any ppo.py setting can be
-overridden as --name=value (applied to every run). Writes OUTPUT_DIR/compare_advantages.json (default output/) and
-prints a Markdown table.
+steps in a process of its own (evaluated on the held-out prompts before and after, EVAL_EVERY=0). Step counts come
+from the pilot, so the learning numbers do not depend on what else runs on the machine later. Any ppo.py setting can
+be overridden as --name=value (applied to every run). Writes OUTPUT_DIR/compare_advantages/ (each run's outputs and
+compare_advantages.json; OUTPUT_DIR defaults to output) and prints a Markdown table.
 """
 import json
 import os

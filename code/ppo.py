@@ -1240,7 +1240,9 @@ def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum):
                                           c["CLIP_RANGE_VALUE"])
         loss = loss + c["VF_COEF"] * vf_loss
     if c["KL_IN"] == "loss":
-        kl_loss = masked_mean(kl_per_token(new_logprobs, batch["ref_logprobs"][idx, :T], "k3"), m)
+        # masked slots get the INVALID_LOGPROB both sides hold there (k3 = 0), so exp() never sees padding's logprobs
+        kl_loss = masked_mean(kl_per_token(torch.where(m, new_logprobs, INVALID_LOGPROB),
+                                           batch["ref_logprobs"][idx, :T], "k3"), m)
         loss = loss + batch["beta"] * kl_loss
     (loss / accum).backward()
     return torch.stack([pg["approxkl"], pg["clipfrac"], masked_mean(entropy, m), pg_loss.detach(), vf_loss.detach(),

@@ -13,6 +13,8 @@ import ppo
 
 from conftest import ROOT, assert_same_rows, make_config
 
+CPU = torch.device("cpu")
+
 
 def rows(out):
     return list(csv.DictReader(open(os.path.join(out, "ppo_metrics/training_metrics.csv"))))
@@ -64,6 +66,28 @@ def test_kl_in_the_loss_is_beta_times_k3():
     rewards, kl, non_score = ppo.compute_rewards(torch.tensor([2.0]), lp[None].detach(), lp_ref[None],
                                                  torch.ones(1, 3, dtype=torch.bool), 0.0)
     assert rewards.tolist() == [[0.0, 0.0, 2.0]] and (non_score == 0).all() and kl.abs().sum() > 0
+
+
+def test_kl_in_the_loss_adds_beta_times_k3_on_real_tokens():
+    c = make_config(ADVANTAGE="grpo", SAMPLES_PER_PROMPT=2, KL_IN="loss")
+    roles = ppo.load_roles(c, CPU, torch.float32)
+    some = ppo.load_prompts(c["PROMPT_FILE"], roles.tok, 128, "PROMPT_FILE", lambda *a: None)[:2]
+    batch = ppo.rollout(roles.actor, roles.ref, None, roles.scorer, roles.tok, roles.stop_ids,
+                        [some[0], some[0], some[1], some[1]], c, CPU, beta=0.5)
+    assert batch["values"] is None and (batch["non_score_reward"] == 0).all()
+    head = roles.actor.get_output_embeddings().weight
+    with torch.no_grad():  # move the policy away from the reference, so that the KL term is not 0
+        head.add_(0.05 * torch.randn_like(head))
+    batch["advantages"] = torch.zeros_like(batch["advantages"])  # the loss is then beta * KL term alone
+    ctx, mask = batch["context_length"], batch["mask"]
+    stats = ppo.micro_batch_backward(roles.actor, None, batch, torch.arange(4), ctx, c, accum=1)
+    with torch.no_grad():
+        lp = ppo.response_logprobs(roles.actor, batch["query_responses"], batch["attention_mask"], ctx, 1.0)
+    k3 = torch.expm1(batch["ref_logprobs"] - lp) - (batch["ref_logprobs"] - lp)
+    assert stats[7].item() == pytest.approx(k3[mask].mean().item(), rel=1e-4) and stats[7] > 0
+    assert torch.isnan(stats[4]) and torch.isnan(stats[5])  # no critic: no value loss, NaN (never logged)
+    grads = [p.grad for p in roles.actor.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 def fake_run(n, world, rank, mb=4):
