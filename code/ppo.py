@@ -134,7 +134,7 @@ class TrainingDiverged(Exception):
 
 # settings that may change when a run is resumed: how long it runs and how it reports, not what it computes
 RESUMABLE_CHANGES = {"TOTAL_STEPS", "RESUME", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "EVAL_FILE", "EVAL_SIZE",
-                     "SAMPLE_EVERY", "OUTPUT_DIR", "SAVE_MODEL", "MAX_BAD_STEPS", "DEVICE"}
+                     "SAMPLE_EVERY", "OUTPUT_DIR", "SAVE_MODEL", "MAX_BAD_STEPS", "DEVICE", "REPORT_TO"}
 
 
 # ---- references: the shorthands the comments use --------------------------------------------------------------------
@@ -1606,7 +1606,8 @@ class Run:
     def resume(self):
         saved = read_checkpoint(self.resume_path, "state.pt")
         load_trained_state(self.roles, saved["models"], saved["optimizer"])
-        self.roles.scheduler.load_state_dict(saved["scheduler"])
+        if "scheduler" in saved:  # checkpoints before LR_SCHEDULE had a constant rate: the new default
+            self.roles.scheduler.load_state_dict(saved["scheduler"])
         self.state = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState) if f.name != "config"},
                               config=self.state.config)
         self.kl_ctl.value = self.state.kl_coef
@@ -1921,9 +1922,11 @@ def read_checkpoint(path, name):
 
 
 def config_differences(saved, c):
-    """Settings that differ between a checkpoint's config and this run's, ignoring those a resume may change."""
+    """Settings that differ between a checkpoint's config and this run's, ignoring those a resume may change. A
+    setting newer than the checkpoint counts only when set away from its default: every new setting's default keeps
+    what the earlier release computed, so a run started before an upgrade resumes after it."""
     return [f"{k} {saved.get(k)!r} -> {c[k]!r}" for k in CONFIG_KEYS
-            if k not in RESUMABLE_CHANGES and saved.get(k) != c[k]]
+            if k not in RESUMABLE_CHANGES and saved.get(k) != c[k] and (k in saved or c[k] != globals()[k])]
 
 
 def choose_checkpoint(c, ckpt_dir, log):

@@ -42,6 +42,31 @@ def test_four_steps_equal_two_then_two_resumed(tmp_path):
         assert (tmp_path / "b/ppo_metrics/summary.json").read_bytes() == before
 
 
+def test_a_checkpoint_from_before_newer_settings_resumes_exactly(tmp_path, capsys):
+    """A run started before an upgrade that added settings (here LoRA, critic-free advantages, schedules, reward
+    functions, dashboards) resumes after it, as long as the new settings keep their defaults."""
+    new = ["REWARD_FN", "ADVANTAGE", "SAMPLES_PER_PROMPT", "GRPO_STD", "KL_IN", "LR_SCHEDULE", "WARMUP_STEPS",
+           "LORA_R", "LORA_ALPHA", "LORA_TARGET_MODULES", "REPORT_TO"]
+    ppo.train(config(tmp_path / "a", TOTAL_STEPS=4, EVAL_FILE=""))
+    ppo.train(config(tmp_path / "b", TOTAL_STEPS=2, EVAL_FILE=""))
+    ckpt = tmp_path / "b/checkpoints/step_00000002"
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    for k in new:
+        del state["config"][k]
+    del state["scheduler"]
+    torch.save(state, ckpt / "state.pt")
+    meta = json.load(open(ckpt / "meta.json"))
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in new}
+    json.dump(meta, open(ckpt / "meta.json", "w"))
+    # a new setting away from its default is a change of config
+    with pytest.raises(ppo.ConfigError, match="comes from a different config .KL_IN None -> 'loss'."):
+        ppo.train(config(tmp_path / "b", TOTAL_STEPS=4, EVAL_FILE="", KL_IN="loss", RESUME=str(ckpt)))
+    capsys.readouterr()
+    assert ppo.train(config(tmp_path / "b", TOTAL_STEPS=4, EVAL_FILE=""))["steps"] == 4
+    assert f"resuming from {ckpt}: step 2" in capsys.readouterr().out
+    assert_same_rows(rows(tmp_path / "a"), rows(tmp_path / "b"))
+
+
 def test_checkpoints_rotate_and_a_changed_config_starts_fresh_keeping_the_old_ones(tmp_path, capsys):
     ppo.train(config(tmp_path, TOTAL_STEPS=5, SAVE_EVERY=1, KEEP_CHECKPOINTS=2))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004", "step_00000005"]
