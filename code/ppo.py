@@ -2191,8 +2191,9 @@ def plot_curves(df, path, target, eval_points):
     os.replace(tmp, path)
 
 
-def health_verdicts(df, target, eval_before, eval_after):
-    """Plain-language verdicts drawn from the run: what looks fine and what to check."""
+def health_verdicts(df, target, eval_before, eval_after, rm="RM"):
+    """Plain-language verdicts drawn from the run: what looks fine and what to check. rm names the reward's source
+    ("RM", or "reward-function" when REWARD_MODEL is a .py file)."""
     if len(df) == 0:
         return ["no PPO step finished"]
     k = max(1, len(df) // 10)
@@ -2215,7 +2216,7 @@ def health_verdicts(df, target, eval_before, eval_after):
         out.append(f"OK: KL {kl:.2f} is below the target {target:g}: the policy stays close to the reference "
                    f"(β is falling to allow more)" if kl >= 0 else f"CHECK: KL {kl:.2f} is slightly negative")
     s0, s1 = f(first, "objective/scores"), f(last, "objective/scores")
-    out.append(f"{'OK' if s1 > s0 else 'CHECK'}: RM score {'rose' if s1 > s0 else 'did not rise'} from {s0:.2f} "
+    out.append(f"{'OK' if s1 > s0 else 'CHECK'}: {rm} score {'rose' if s1 > s0 else 'did not rise'} from {s0:.2f} "
                f"to {s1:.2f}")
     e0, e1 = f(first, "policy/entropy_avg"), f(last, "policy/entropy_avg")
     if e1 < 0.3 * e0:
@@ -2250,16 +2251,16 @@ def health_verdicts(df, target, eval_before, eval_after):
         if eval_before and eval_after and "gold_score" in eval_before:
             pairs.append(("held out", eval_before["rm_score"], eval_after["rm_score"], eval_before["gold_score"],
                           eval_after["gold_score"]))
-        hacked = [f"{name}: RM {rm0:.2f} -> {rm1:.2f}, gold {gd0:.2f} -> {gd1:.2f}"
+        hacked = [f"{name}: {rm} {rm0:.2f} -> {rm1:.2f}, gold {gd0:.2f} -> {gd1:.2f}"
                   for name, rm0, rm1, gd0, gd1 in pairs if rm1 > rm0 + 0.5 and gd1 < gd0 + 0.2]
         if hacked:
-            out.append(f"WARNING: the RM score rose but the gold score did not ({'; '.join(hacked)}): "
-                       f"over-optimisation of the reward model (reward hacking); keep the KL leash tighter "
+            out.append(f"WARNING: the {rm} score rose but the gold score did not ({'; '.join(hacked)}): "
+                       f"over-optimisation of the reward (reward hacking); keep the KL leash tighter "
                        f"(ADAPTIVE_KL, a lower PPO_TARGET, a larger INIT_KL_COEF) or stop earlier")
         else:
             out.append(f"{'OK' if g1 >= g0 else 'CHECK'}: gold score {g0:.2f} -> {g1:.2f}")
     if eval_before and eval_after:
-        out.append(f"held-out RM score {eval_before['rm_score']:.2f} -> {eval_after['rm_score']:.2f}"
+        out.append(f"held-out {rm} score {eval_before['rm_score']:.2f} -> {eval_after['rm_score']:.2f}"
                    + (f", gold {eval_before['gold_score']:.2f} -> {eval_after['gold_score']:.2f}"
                       if "gold_score" in eval_before else "")
                    + f", KL {eval_after['kl']:.2f}")
@@ -2289,7 +2290,8 @@ def build_summary(status, state, c, derived, notes, models, data, files, eval_af
                             "gold_before": detail_before["gold"][i], "gold_after": detail_after["gold"][i]})
     return {
         "status": status,
-        "health": health_verdicts(df, c["PPO_TARGET"], eval_before, eval_after),
+        "health": health_verdicts(df, c["PPO_TARGET"], eval_before, eval_after,
+                                  "reward-function" if models.get("reward_is_function") else "RM"),
         "eval_before": eval_before, "eval_after": eval_after, "eval_points": state.eval_points,
         "metrics": {k: summarise(df, k, best) for k, (_, _, best) in METRICS.items() if best},
         "steps": state.step, "episodes": state.step * derived["ROLLOUT_BATCH"],

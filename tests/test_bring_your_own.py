@@ -96,6 +96,7 @@ def test_a_reward_function_replaces_the_reward_model(tmp_path):
     for row in csv.DictReader(open(tmp_path / "ppo_metrics/training_metrics.csv")):
         assert float(row["objective/scores"]) == pytest.approx(float(row["objective/gold_scores"]), abs=1e-6)
     assert s["eval_before"]["rm_score"] == pytest.approx(s["eval_before"]["gold_score"], abs=1e-6)
+    assert any(v.startswith("held-out reward-function score") for v in s["health"])  # not "RM score"
 
 
 def test_reward_fn_adds_to_the_reward_model(tmp_path):
