@@ -1765,8 +1765,8 @@ class Run:
         with contextlib.closing(self.dashboards):  # W&B / TensorBoard: the evaluation after training, then closed
             c, state = self.c, self.state
             if self.stop.signum or state.step < c["TOTAL_STEPS"]:
-                self.log(f"interrupted after step {state.step}; checkpoint "
-                         f"{'saved' if self.last_saved == state.step else 'not saved'}; continue with: {resume_command(c)}")
+                saved = "saved" if self.last_saved == state.step else "not saved"
+                self.log(f"interrupted after step {state.step}; checkpoint {saved}; continue with: {resume_command(c)}")
                 if self.master:
                     self.tick()
                     summary = self.summary("interrupted")

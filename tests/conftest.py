@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -39,6 +40,16 @@ def assert_same_rows(a, b):
         for k in x:
             if not k.startswith("time/"):
                 assert float(x[k]) == pytest.approx(float(y[k]), abs=1e-6, nan_ok=True), (x["step"], k, x[k], y[k])
+
+
+def torchrun(args, out):
+    """code/ppo.py under torchrun, 2 processes on the CPU (gloo), a short run into `out`; later args override."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "code/ppo.py"), "--total_steps=2", "--mini_batch_size=2", "--grad_accum=2",
+           "--ppo_buffer_size=1", "--ppo_epochs=2", "--max_new_tokens=12", "--eval_size=8", "--device=cpu",
+           f"--output_dir={out}"] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
 
 
 def make_args(**overrides):

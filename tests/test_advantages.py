@@ -1,9 +1,6 @@
 """Critic-free advantages beside GAE: GRPO, RLOO and REINFORCE++ against hand computations, KL in the loss, a prompt's
 replies kept together (in the batch and on one process), three roles loaded, exact resume, torchrun."""
-import csv
 import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -11,13 +8,9 @@ import torch
 
 import ppo
 
-from conftest import ROOT, assert_same_rows, make_config
+from conftest import assert_same_rows, make_config, metrics_rows as rows, torchrun
 
 CPU = torch.device("cpu")
-
-
-def rows(out):
-    return list(csv.DictReader(open(os.path.join(out, "ppo_metrics/training_metrics.csv"))))
 
 
 def test_group_estimators_against_hand_computation():
@@ -143,12 +136,8 @@ def test_critic_free_resume_is_exact(tmp_path):
 
 
 def test_torchrun_grpo_keeps_groups_on_one_process(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "code/ppo.py"), "--total_steps=2", "--mini_batch_size=4", "--grad_accum=2",
-           "--ppo_buffer_size=1", "--ppo_epochs=2", "--max_new_tokens=12", "--eval_size=4", "--device=cpu",
-           "--advantage=grpo", "--samples_per_prompt=4", "--save_model=false", f"--output_dir={tmp_path}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = torchrun(["--mini_batch_size=4", "--eval_size=4", "--advantage=grpo", "--samples_per_prompt=4",
+                  "--save_model=false"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = rows(tmp_path)
     assert len(out) == 2 and all(float(x["dist/ranks_in_sync"]) == 1.0 for x in out)

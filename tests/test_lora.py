@@ -1,8 +1,6 @@
 """LoRA (LORA_R > 0, through peft): only adapters and the value head train, the frozen roles share the trained
 models' weights with the adapters off, the saved adapters and merged models agree, and resume stays exact."""
-import csv
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,15 +8,11 @@ import torch
 
 import ppo
 
-from conftest import RM, ROOT, SFT, assert_same_rows, make_config
+from conftest import RM, SFT, assert_same_rows, make_config, metrics_rows as rows, torchrun
 
 pytest.importorskip("peft", reason="the test command installs peft")  # CI installs it: this never skips there
 CPU = torch.device("cpu")
 LORA = dict(LORA_R=8, LORA_ALPHA=16, LEARNING_RATE=3e-3)  # a large rate, so that 2 steps move the adapters visibly
-
-
-def rows(out):
-    return list(csv.DictReader(open(os.path.join(out, "ppo_metrics/training_metrics.csv"))))
 
 
 def base_weights(model):
@@ -133,12 +127,7 @@ def test_lora_mistakes_are_one_clear_line(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_with_lora(mode, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "code/ppo.py"), "--total_steps=2", "--mini_batch_size=2", "--grad_accum=2",
-           "--ppo_buffer_size=1", "--ppo_epochs=2", "--max_new_tokens=12", "--eval_size=4", "--device=cpu",
-           "--lora_r=8", "--learning_rate=3e-3", f"--distributed={mode}", f"--output_dir={tmp_path}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = torchrun(["--eval_size=4", "--lora_r=8", "--learning_rate=3e-3", f"--distributed={mode}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = rows(tmp_path)
     assert len(out) == 2 and all(float(x["dist/ranks_in_sync"]) == 1.0 for x in out)

@@ -1,5 +1,4 @@
 """Never lose a run: exact resume, clean interrupts, NaN guard, and one clear line for each kind of bad input."""
-import csv
 import json
 import os
 import shutil
@@ -13,14 +12,10 @@ import torch
 
 import ppo
 
-from conftest import RM, ROOT, SFT, assert_same_rows, make_args, make_config as config
+from conftest import RM, ROOT, SFT, assert_same_rows, make_args, make_config as config, metrics_rows as rows
 
 SCRIPT = os.path.join(ROOT, "code/ppo.py")
 SMALL = make_args()
-
-
-def rows(out):
-    return list(csv.DictReader(open(os.path.join(out, "ppo_metrics/training_metrics.csv"))))
 
 
 def test_four_steps_equal_two_then_two_resumed(tmp_path):

@@ -3,15 +3,13 @@ GPT-2 demo reward model (another tokenizer), and several processes under torchru
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import ppo
 
-from conftest import RM, ROOT, assert_same_rows, make_config
+from conftest import RM, ROOT, assert_same_rows, make_config, torchrun
 
 CPU = torch.device("cpu")
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
@@ -85,15 +83,6 @@ def test_two_ppo_steps_with_llama_actor_and_foreign_reward_model(llama_actor, tm
     # an explicit critic with another tokenizer is refused
     with pytest.raises(ppo.ConfigError, match="different tokenizer"):
         ppo.train(dict(c, CRITIC_MODEL=RM))
-
-
-def torchrun(args, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "code/ppo.py"), "--total_steps=2", "--mini_batch_size=2", "--grad_accum=2",
-           "--ppo_buffer_size=1", "--ppo_epochs=2", "--max_new_tokens=12", "--eval_size=8", "--device=cpu",
-           f"--output_dir={tmp_path}"] + args
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
 
 
 def test_torchrun_ddp_keeps_ranks_identical_and_writes_one_set_of_outputs(tmp_path):
