@@ -25,6 +25,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import loading  # noqa: E402
+import plumbing  # noqa: E402
 import ppo  # noqa: E402
 
 
@@ -57,21 +59,21 @@ def measure_floor(c, batches, device, dtype):
     gold score, CSV, checkpoints): ppo.rollout (its generate and score phases) and ppo.ppo_update. Median seconds
     per step of each phase."""
     torch.manual_seed(c["SEED"])
-    roles = ppo.load_roles(c, device, dtype)
-    roles.params = ppo.trainable_parameters(roles.trained().values())
-    roles.optimizer = torch.optim.AdamW(roles.params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"],
-                                        fused=device.type in ("cpu", "cuda"))
+    roles = loading.load_roles(c, device, dtype)
+    params = loading.trainable_parameters(roles.trained().values())
+    optimizer = torch.optim.AdamW(params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"],
+                                  fused=device.type in ("cpu", "cuda"))
+    trainer = ppo.Trainer(roles.actor, roles.critic, params, optimizer, None)
     parts = {"sample": [], "score": [], "train": []}
     for prompts in batches:
         with ppo.autocast(device, dtype):
-            batch = ppo.rollout(roles.actor, roles.ref, roles.critic, roles.scorer, roles.tok, roles.stop_ids, prompts,
-                                c, device, c["INIT_KL_COEF"])
+            batch = ppo.rollout(roles, prompts, c["INIT_KL_COEF"], c)
         parts["sample"].append(batch["time_generate"])
         parts["score"].append(batch["time_score"])
 
         def train():
             with ppo.autocast(device, dtype):
-                ppo.ppo_update(roles.actor, roles.critic, roles.optimizer, roles.params, batch, c)
+                ppo.ppo_update(trainer, batch, c)
         parts["train"].append(timed(train, device)[0])
     return {k: statistics.median(v) for k, v in parts.items()}
 
@@ -85,7 +87,7 @@ def main(argv):
             own[key] = int(a.split("=", 1)[1])
         else:
             rest.append(a)
-    c = ppo.resolve_config(rest)
+    c = plumbing.resolve_config(rest, ppo.DEFAULTS, ppo.__doc__, ppo.__file__)
     c.update(TOTAL_STEPS=own["steps"], EVAL_FILE="", SAVE_MODEL=False, SAVE_EVERY=0, RESUME="never",
              SAMPLE_EVERY=0, GOLD_REWARD=c["GOLD_REWARD"] if not own["random_width"] else "")
     if c["OUTPUT_DIR"] == ppo.OUTPUT_DIR:
@@ -99,11 +101,11 @@ def main(argv):
     import pandas as pd
     df = pd.read_csv(os.path.join(c["OUTPUT_DIR"], "ppo_metrics", "training_metrics.csv"))
     df = df.iloc[min(2, len(df) - 1):]  # leave out warm-up steps
-    device = ppo.pick_device(c["DEVICE"])
-    dtype = ppo.pick_dtype(c["DTYPE"], device)
+    device = plumbing.pick_device(c["DEVICE"])
+    dtype = plumbing.pick_dtype(c["DTYPE"], device)
     # the same prompts as the measured steps: replay the run's prompt order
-    tok, _ = ppo.load_tokenizer(c["ACTOR_MODEL"], "ACTOR_MODEL")
-    prompts = ppo.load_prompts(c["PROMPT_FILE"], tok, c["MAX_PROMPT_TOKENS"], "PROMPT_FILE", lambda *a: None)
+    tok, _ = loading.load_tokenizer(c["ACTOR_MODEL"], "ACTOR_MODEL")
+    prompts = loading.load_prompts(c["PROMPT_FILE"], tok, c["MAX_PROMPT_TOKENS"], "PROMPT_FILE", lambda *a: None)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(c["SEED"])).tolist()
     n = summary["derived"]["ROLLOUT_BATCH"]
     batches = [[prompts[i] for i in order[k * n:(k + 1) * n]] for k in range(min(5, len(order) // n))]
@@ -134,6 +136,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except ppo.ConfigError as e:
+    except loading.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

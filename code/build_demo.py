@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
 sys.path.insert(0, os.path.join(ROOT, "code"))
 import demo_gold_reward as gold  # noqa: E402  (the gold rule lives with the data it defines)
-import ppo  # noqa: E402  (the same prompt format, padding and sampler as the trainer)
+import loading  # noqa: E402  (the same prompt format, padding and sampler as the trainer)
+import ppo  # noqa: E402
 
 PAD, EOS, USER, ASSISTANT = "<|pad|>", "<|eos|>", "<|user|>", "<|assistant|>"
 # The one prompt format of the demo: what ppo.py gets from tokenizer.apply_chat_template(add_generation_prompt=True).
@@ -66,7 +67,8 @@ INSTRUCTIONS = [  # (instruction, input); {item} {person} {aspect} {time} are fi
     ("Would you buy the {item} again?", ""),
     ("Share your thoughts about this item.", "a {item} for a {person}"),
 ]
-POSITIVE_SENTENCES = ["The {item} is {pa} and {pa2}.", "I really like the {aspect}.", "I would recommend it to a {person}.",
+POSITIVE_SENTENCES = ["The {item} is {pa} and {pa2}.", "I really like the {aspect}.",
+                      "I would recommend it to a {person}.",
                       "It works well every day.", "The {aspect} is {pa}.", "I love how {pa} it feels.",
                       "It is a {pa} choice for a {person}.", "I am happy with it."]
 NEUTRAL_SENTENCES = ["It arrived last {time}.", "The {item} comes in a box.", "I use it every {time}.",
@@ -158,7 +160,7 @@ def hard_negative(rng, reply, item):
 
 def make_pairs(rng, records, n_pairs):
     """Preference pairs labelled by the gold rule: (prompt, chosen, rejected, rejected_has_eos)."""
-    items = [gold.find_items(ppo.user_text(r))[0] for r in records]
+    items = [gold.find_items(loading.user_text(r))[0] for r in records]
     pairs = []
     with tqdm(total=n_pairs, desc="pairs", leave=False) as bar:
         while len(pairs) < n_pairs:
@@ -169,12 +171,12 @@ def make_pairs(rng, records, n_pairs):
                 b, b_eos = hard_negative(rng, a if rng.random() < 0.7 else make_reply(rng, item, "good"), item)
             else:
                 b, b_eos = make_reply(rng, item, rng.choice(SFT_MOODS)), True
-            ga, gb = gold.score([ppo.user_text(rec)] * 2, [a, b])
+            ga, gb = gold.score([loading.user_text(rec)] * 2, [a, b])
             gb = gb if b_eos else min(gb, -1.0)  # a cut-off reply is never better than a finished one
             if abs(ga - gb) < 0.5:
                 continue
             chosen, rejected, rej_eos = (a, b, b_eos) if ga > gb else (b, a, True)
-            pairs.append({"prompt": ppo.user_text(rec), "chosen": chosen, "rejected": rejected,
+            pairs.append({"prompt": loading.user_text(rec), "chosen": chosen, "rejected": rejected,
                           "rejected_eos": rej_eos})
             bar.update()
     return pairs
@@ -200,7 +202,7 @@ def train_tokenizer(texts, vocab_size, out_dir):
 
 def encode_pair(tok, prompt, reply, with_eos=True):
     """Token ids of the templated prompt and of the reply (+EOS); the layout ppo.py generates and scores."""
-    p_ids = tok(ppo.format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    p_ids = tok(loading.format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
     r_ids = tok(reply, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if with_eos else [])
     return p_ids, r_ids
 
@@ -208,8 +210,8 @@ def encode_pair(tok, prompt, reply, with_eos=True):
 def left_pad(rows):
     """ppo.py's left padding as model inputs: (ids, attention_mask, position_ids); positions count real tokens only.
     The mask as 0/1 integers, as the models were trained with (the same numbers as a boolean mask, up to rounding)."""
-    ids, mask = ppo.left_pad(rows, ppo.PAD_ID, torch.device("cpu"))
-    return ppo.model_inputs(ids, mask), mask.long(), ppo.position_ids_of(mask)
+    ids, mask = loading.left_pad(rows, loading.PAD_ID, torch.device("cpu"))
+    return loading.model_inputs(ids, mask), mask.long(), loading.position_ids_of(mask)
 
 
 def gpt2_config(tok, size, num_labels=None):
@@ -236,7 +238,7 @@ def train_sft(tok, records, heldout, size, steps, batch, lr, seed):
     def batch_of(recs):
         rows, labels = [], []
         for r in recs:
-            p, a = encode_pair(tok, ppo.user_text(r), r["output"])
+            p, a = encode_pair(tok, loading.user_text(r), r["output"])
             rows.append(p + a)
             labels.append([-100] * len(p) + a)  # loss on the reply and its EOS only
         ids, mask, pos = left_pad(rows)
@@ -315,9 +317,9 @@ def sample_replies(model, tok, prompts, max_new_tokens, temperature, seed):
     texts, ended, stop = [], [], [tok.eos_token_id]
     for i in range(0, len(prompts), 64):
         rows = [encode_pair(tok, p, "", with_eos=False)[0] for p in prompts[i:i + 64]]
-        ids, mask = ppo.left_pad(rows, ppo.PAD_ID, torch.device("cpu"))
-        sampled, _ = ppo.sample_responses(model, ids, mask, max_new_tokens, temperature, stop, ppo.PAD_ID)
-        resp, keep = ppo.truncate_after_eos(sampled, stop, ppo.PAD_ID)
+        ids, mask = loading.left_pad(rows, loading.PAD_ID, torch.device("cpu"))
+        sampled, _ = ppo.sample_responses(model, ids, mask, max_new_tokens, temperature, stop, loading.PAD_ID)
+        resp, keep = ppo.truncate_after_eos(sampled, stop, loading.PAD_ID)
         texts += [tok.decode(r[k].tolist(), skip_special_tokens=True) for r, k in zip(resp, keep)]
         ended += ppo.ends_with_stop(resp, keep, stop).tolist()
     return texts, ended
@@ -329,7 +331,8 @@ def size_mb(path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.join(ROOT, "data"), help="folder for the data and models/ (default: data/)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "data"),
+                    help="folder for the data and models/ (default: data/)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few steps (tests): seconds, not minutes")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2 = the CI machine)")
@@ -361,7 +364,7 @@ def main():
           f"records, {len(pairs)} preference pairs")
 
     sft_dir, rm_dir = os.path.join(models_dir, "demo-sft"), os.path.join(models_dir, "demo-rm")
-    corpus = [ppo.user_text(r) for r in sft_records + train_records + eval_records] \
+    corpus = [loading.user_text(r) for r in sft_records + train_records + eval_records] \
         + [r["output"] for r in sft_records] + [p["rejected"] for p in pairs]
     t0 = time.time()
     tok = train_tokenizer(corpus, vocab, sft_dir)
@@ -383,7 +386,7 @@ def main():
     print(f"RM: held-out pairwise accuracy {rm_acc:.3f} ({t_rm:.0f}s)")
 
     # Quality of what SFT writes on held-out prompts at temperature 1.0 (the PPO starting point).
-    prompts = [ppo.user_text(r) for r in eval_records]
+    prompts = [loading.user_text(r) for r in eval_records]
     texts, ended = sample_replies(sft, tok, prompts, 48, 1.0, a.seed)
     golds = gold.score(prompts, texts)
     refs = gold.score(prompts, [r["output"] for r in eval_records])

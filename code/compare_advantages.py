@@ -81,7 +81,8 @@ def main(argv):
     print("| advantage | roles | step | steps | held-out gold gain | RM gain | final KL | peak memory |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {len(r['roles'])} | {r['step_s']:.2f} s | {r['steps']} | {mean_sd('gold_gain', r['runs'])} | "
+        print(f"| {name} | {len(r['roles'])} | {r['step_s']:.2f} s | {r['steps']} | "
+              f"{mean_sd('gold_gain', r['runs'])} | "
               f"{mean_sd('rm_gain', r['runs'])} | {mean_sd('kl', r['runs'])[1:]} | {r['peak_rss_mb']:.0f} MB |")
     return 0
 

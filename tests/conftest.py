@@ -28,6 +28,13 @@ def make_config(out=None, **overrides):
     return c
 
 
+def roles_of(tok, actor, ref, critic, scorer, stop_ids):
+    """Roles (loading.Roles) from models a test loaded itself, on the CPU in fp32."""
+    import loading
+    import torch
+    return loading.Roles(tok, list(stop_ids), actor, ref, scorer, critic, None, [], torch.device("cpu"), torch.float32)
+
+
 def metrics_rows(out):
     """The rows of a run's ppo_metrics/training_metrics.csv."""
     return list(csv.DictReader(open(os.path.join(out, "ppo_metrics", "training_metrics.csv"))))

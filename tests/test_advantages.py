@@ -6,6 +6,8 @@ import types
 import pytest
 import torch
 
+import loading
+import plumbing
 import ppo
 
 from conftest import assert_same_rows, make_config, metrics_rows as rows, torchrun
@@ -32,15 +34,14 @@ def test_group_estimators_against_hand_computation():
 def test_compute_advantages_per_estimator():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
     rewards = torch.tensor([[-0.1, -0.2, 1.0, 9.0], [0.1, 2.0, 9.0, 9.0], [0.0, 0.0, 0.0, -1.0], [3.0, 9.0, 9.0, 9.0]])
-    c = dict(ppo.__dict__, **{k: getattr(ppo, k) for k in ppo.CONFIG_KEYS})
     # GRPO / RLOO: the reply's total reward (masked slots ignored), one advantage on each of its tokens
     totals = torch.tensor([0.7, 2.1, -1.0, 3.0])
     for est in ("grpo", "rloo"):
-        adv, ret = ppo.compute_advantages(rewards, None, mask, dict(c, ADVANTAGE=est, SAMPLES_PER_PROMPT=2))
+        adv, ret = ppo.compute_advantages(rewards, None, mask, est, n=2)
         expected = ppo.group_advantages(totals, 2, est)
         assert ret is None and torch.allclose(adv, torch.where(mask, expected[:, None], 0.0), atol=1e-6)
     # REINFORCE++: returns-to-go (γ = 1) of the shaped reward, whitened over all real tokens of the batch
-    adv, ret = ppo.compute_advantages(rewards, None, mask, dict(c, ADVANTAGE="reinforce++", GAMMA=1.0))
+    adv, ret = ppo.compute_advantages(rewards, None, mask, "reinforce++", gamma=1.0)
     togo = [[0.7, 0.8, 1.0], [2.1, 2.0], [-1.0, -1.0, -1.0, -1.0], [3.0]]
     flat = torch.tensor([x for row in togo for x in row])
     whitened = (flat - flat.mean()) / flat.var(unbiased=False).add(1e-8).sqrt()
@@ -63,10 +64,9 @@ def test_kl_in_the_loss_is_beta_times_k3():
 
 def test_kl_in_the_loss_adds_beta_times_k3_on_real_tokens():
     c = make_config(ADVANTAGE="grpo", SAMPLES_PER_PROMPT=2, KL_IN="loss")
-    roles = ppo.load_roles(c, CPU, torch.float32)
-    some = ppo.load_prompts(c["PROMPT_FILE"], roles.tok, 128, "PROMPT_FILE", lambda *a: None)[:2]
-    batch = ppo.rollout(roles.actor, roles.ref, None, roles.scorer, roles.tok, roles.stop_ids,
-                        [some[0], some[0], some[1], some[1]], c, CPU, beta=0.5)
+    roles = loading.load_roles(c, CPU, torch.float32)
+    some = loading.load_prompts(c["PROMPT_FILE"], roles.tok, 128, "PROMPT_FILE", lambda *a: None)[:2]
+    batch = ppo.rollout(roles, [some[0], some[0], some[1], some[1]], 0.5, c)
     assert batch["values"] is None and (batch["non_score_reward"] == 0).all()
     head = roles.actor.get_output_embeddings().weight
     with torch.no_grad():  # move the policy away from the reference, so that the KL term is not 0
@@ -77,35 +77,37 @@ def test_kl_in_the_loss_adds_beta_times_k3_on_real_tokens():
     with torch.no_grad():
         lp = ppo.response_logprobs(roles.actor, batch["query_responses"], batch["attention_mask"], ctx, 1.0)
     k3 = torch.expm1(batch["ref_logprobs"] - lp) - (batch["ref_logprobs"] - lp)
-    assert stats[7].item() == pytest.approx(k3[mask].mean().item(), rel=1e-4) and stats[7] > 0
-    assert torch.isnan(stats[4]) and torch.isnan(stats[5])  # no critic: no value loss, NaN (never logged)
+    kl_term = stats["loss/kl_avg"]
+    assert kl_term.item() == pytest.approx(k3[mask].mean().item(), rel=1e-4) and kl_term > 0
+    assert "loss/value_avg" not in stats and "val/clipfrac_avg" not in stats  # no critic: no value loss
     grads = [p.grad for p in roles.actor.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 def fake_run(n, world, rank, mb=4):
     c = make_config(MINI_BATCH_SIZE=mb, GRAD_ACCUM=world, PPO_BUFFER_SIZE=1, SAMPLES_PER_PROMPT=n)
-    sizes = ppo.batch_sizes(c, world)
-    return types.SimpleNamespace(sizes=sizes, rank=rank, prompts=[(f"p{i}", None, [i]) for i in range(40)],
-                                 state=ppo.RunState(config={}, kl_coef=0.1),
-                                 prompt_rng=torch.Generator().manual_seed(0))
+    run = types.SimpleNamespace(sizes=ppo.batch_sizes(c, world), rank=rank, state=plumbing.RunState({}, 0.1),
+                                prompts=[loading.Prompt(f"p{i}", None, [i]) for i in range(40)],
+                                prompt_rng=torch.Generator().manual_seed(0))
+    run.next = lambda: plumbing.next_prompts(run.state, run.prompts, run.sizes, run.rank, run.prompt_rng)
+    return run
 
 
 def test_a_prompts_replies_stay_together_and_on_one_process():
     shares = []
     for rank in (0, 1):
         run = fake_run(n=4, world=2, rank=rank)
-        got = [p[0] for p in ppo.Run.next_prompts(run)]
+        got = [p[0] for p in run.next()]
         assert len(got) == run.sizes.per_rank == 4  # 4 replies per process: one prompt, 4 times in a row
         assert [got[i] for i in range(0, 4, 4) for _ in range(4)] == got
         shares.append(set(got))
     assert not shares[0] & shares[1]  # a prompt's group is on one process, never split
     run = fake_run(n=2, world=1, rank=0, mb=8)
-    a, b = ppo.Run.next_prompts(run), ppo.Run.next_prompts(run)
+    a, b = run.next(), run.next()
     assert [p[0] for p in a[::2]] == [p[0] for p in a[1::2]] and len({p[0] for p in a + b}) == 8
-    with pytest.raises(ppo.ConfigError, match="SAMPLES_PER_PROMPT = 3 does not divide the 4 replies per process"):
+    with pytest.raises(loading.ConfigError, match="SAMPLES_PER_PROMPT = 3 does not divide the 4 replies per process"):
         ppo.batch_sizes(make_config(MINI_BATCH_SIZE=4, SAMPLES_PER_PROMPT=3), 1)
-    with pytest.raises(ppo.ConfigError, match="too few for ADVANTAGE = 'grpo'"):
+    with pytest.raises(loading.ConfigError, match="too few for ADVANTAGE = 'grpo'"):
         ppo.train(make_config(ADVANTAGE="grpo", SAMPLES_PER_PROMPT=1))
 
 

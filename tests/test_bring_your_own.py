@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
+import loading
+import plumbing
 import ppo
 
 from conftest import ROOT, SFT, assert_same_rows, make_config
@@ -27,7 +29,7 @@ PROMPT = [SYSTEM, USER1, ASSISTANT1, USER2]
 
 @pytest.fixture(scope="module")
 def tok():
-    return ppo.load_tokenizer(SFT, "ACTOR_MODEL")[0]
+    return loading.load_tokenizer(SFT, "ACTOR_MODEL")[0]
 
 
 def sharegpt(turns):
@@ -49,7 +51,7 @@ def test_every_format_and_file_type_gives_the_same_prompt(fmt, ext, tok, tmp_pat
     else:
         pd.DataFrame([record, record]).to_parquet(path)
     said = []
-    prompts = ppo.load_prompts(path, tok, 128, "PROMPT_FILE", said.append)
+    prompts = loading.load_prompts(path, tok, 128, "PROMPT_FILE", said.append)
     assert len(prompts) == 2 and prompts[0][0] == PROMPT  # system kept, the trailing assistant turn dropped
     assert prompts[0][1] == tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
     assert "TRAILING" not in prompts[0][1] and TRAILING["content"] not in prompts[0][1]
@@ -61,8 +63,8 @@ def test_alpaca_and_prompt_text_records_are_one_user_turn(tok, tmp_path):
     json.dump([{"instruction": "Review the lamp.", "input": "for my desk", "output": "never read"}],
               open(tmp_path / "a.json", "w"))
     pd.DataFrame([{"prompt": "Review the lamp.\nfor my desk"}]).to_parquet(tmp_path / "b.parquet")
-    a = ppo.load_prompts(str(tmp_path / "a.json"), tok, 128, "PROMPT_FILE", lambda *x: None)
-    b = ppo.load_prompts(str(tmp_path / "b.parquet"), tok, 128, "PROMPT_FILE", lambda *x: None)
+    a = loading.load_prompts(str(tmp_path / "a.json"), tok, 128, "PROMPT_FILE", lambda *x: None)
+    b = loading.load_prompts(str(tmp_path / "b.parquet"), tok, 128, "PROMPT_FILE", lambda *x: None)
     assert a[0][0] == b[0][0] == "Review the lamp.\nfor my desk" and a[0][2] == b[0][2]
     assert "never read" not in a[0][1]
 
@@ -77,13 +79,13 @@ def test_records_that_fit_no_format_are_one_clear_line(tok, tmp_path, monkeypatc
     }
     for name, (rows, needle) in cases.items():
         json.dump(rows, open(tmp_path / name, "w"))
-        with pytest.raises(ppo.ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-            ppo.load_prompts(str(tmp_path / name), tok, 128, "PROMPT_FILE", lambda *x: None)
+        with pytest.raises(loading.ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            loading.load_prompts(str(tmp_path / name), tok, 128, "PROMPT_FILE", lambda *x: None)
     pd.DataFrame([{"prompt": "x"}]).to_parquet(tmp_path / "p.parquet")
     for module in ("pyarrow", "fastparquet"):  # as if neither Parquet engine were installed
         monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(ppo.ConfigError, match="reading Parquet needs pyarrow: pip install pyarrow"):
-        ppo.read_records(str(tmp_path / "p.parquet"), "PROMPT_FILE")
+    with pytest.raises(loading.ConfigError, match="reading Parquet needs pyarrow: pip install pyarrow"):
+        loading.read_records(str(tmp_path / "p.parquet"), "PROMPT_FILE")
 
 
 def test_a_reward_function_replaces_the_reward_model(tmp_path):
@@ -102,17 +104,16 @@ def test_a_reward_function_replaces_the_reward_model(tmp_path):
 def test_reward_fn_adds_to_the_reward_model(tmp_path):
     fn = tmp_path / "short.py"
     fn.write_text("def score(prompts, responses):\n    return [-0.5 * (len(r.split()) > 5) for r in responses]\n")
-    roles = ppo.load_roles(make_config(tmp_path, REWARD_FN=str(fn)), CPU, torch.float32)
-    prompts = ppo.load_prompts(os.path.join(ROOT, "data/ppo_eval.json"), roles.tok, 128, "EVAL_FILE", lambda *x: None)[:6]
-    batch = ppo.rollout(roles.actor, roles.ref, roles.critic, roles.scorer, roles.tok, roles.stop_ids, prompts,
-                        make_config(), CPU, 0.1)
+    roles = loading.load_roles(make_config(tmp_path, REWARD_FN=str(fn)), CPU, torch.float32)
+    prompts = loading.load_prompts(os.path.join(ROOT, "data/ppo_eval.json"), roles.tok, 128, "EVAL_FILE", lambda *x: None)[:6]
+    batch = ppo.rollout(roles, prompts, 0.1, make_config())
     args = (batch["query_responses"], batch["attention_mask"], batch["context_length"], prompts, batch["replies"],
             batch["ended"].tolist())
     rm = roles.rm(*args)
     penalty = torch.tensor([-0.5 * (len(r.split()) > 5) for r in batch["replies"]])
     assert torch.allclose(batch["raw_scores"], rm + penalty) and (penalty < 0).any()
-    with pytest.raises(ppo.ConfigError, match="REWARD_FN file"):
-        ppo.load_roles(make_config(tmp_path, REWARD_FN=str(tmp_path / "missing.py")), CPU, torch.float32)
+    with pytest.raises(loading.ConfigError, match="REWARD_FN file"):
+        loading.load_roles(make_config(tmp_path, REWARD_FN=str(tmp_path / "missing.py")), CPU, torch.float32)
 
 
 def test_tensorboard_holds_every_csv_column_the_evaluations_samples_and_config(tmp_path):
@@ -149,17 +150,17 @@ def test_wandb_offline_and_missing_packages(tmp_path, monkeypatch):
     import wandb
     before = (tmp_path / "ppo_metrics/training_metrics.csv").read_bytes()
     monkeypatch.setattr(wandb, "init", lambda **kw: (_ for _ in ()).throw(RuntimeError("api_key not configured")))
-    with pytest.raises(ppo.ConfigError, match="wandb.init failed .RuntimeError: api_key not configured.; run `wandb login`"):
+    with pytest.raises(loading.ConfigError, match="wandb.init failed .RuntimeError: api_key not configured.; run `wandb login`"):
         ppo.train(make_config(tmp_path, TOTAL_STEPS=3, EVAL_FILE="", REPORT_TO="wandb", RESUME="never"))
     assert (tmp_path / "ppo_metrics/training_metrics.csv").read_bytes() == before
     assert len(os.listdir(tmp_path / "checkpoints")) == 1  # not moved aside
     # a missing package or an unknown name: one line, before anything is written
-    real = ppo.importlib.util.find_spec
-    monkeypatch.setattr(ppo.importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
-    with pytest.raises(ppo.ConfigError, match="REPORT_TO=wandb needs the wandb package: pip install wandb"):
-        ppo.Dashboards("tensorboard,wandb")
-    with pytest.raises(ppo.ConfigError, match="'mlflow' is not one of"):
-        ppo.Dashboards("mlflow")
+    real = plumbing.importlib.util.find_spec
+    monkeypatch.setattr(plumbing.importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
+    with pytest.raises(loading.ConfigError, match="REPORT_TO=wandb needs the wandb package: pip install wandb"):
+        plumbing.Dashboards("tensorboard,wandb")
+    with pytest.raises(loading.ConfigError, match="'mlflow' is not one of"):
+        plumbing.Dashboards("mlflow")
 
 
 def test_lr_schedule_warmup_cosine_and_exact_resume(tmp_path):
@@ -179,5 +180,5 @@ def test_lr_schedule_warmup_cosine_and_exact_resume(tmp_path):
     ppo.train(make_config(tmp_path / "c", **dict(c, SAVE_EVERY=1)))
     c_rows = list(csv.DictReader(open(tmp_path / "c/ppo_metrics/training_metrics.csv")))
     assert_same_rows(a, c_rows)
-    with pytest.raises(ppo.ConfigError, match="LR_SCHEDULE = 'step'"):
+    with pytest.raises(loading.ConfigError, match="LR_SCHEDULE = 'step'"):
         ppo.train(make_config(tmp_path / "d", LR_SCHEDULE="step"))

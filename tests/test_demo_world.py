@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import demo_gold_reward as gold
+import loading
 import ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,12 +52,12 @@ def test_committed_data_is_prompt_only_alpaca_and_disjoint():
 
 
 def test_tokenizer_round_trip_and_special_tokens():
-    tok, notes = ppo.load_tokenizer(SFT, "ACTOR_MODEL")
+    tok, notes = loading.load_tokenizer(SFT, "ACTOR_MODEL")
     assert notes == []  # pad and EOS are distinct already
     assert tok.pad_token_id != tok.eos_token_id
     text = "The coffee maker is great! I'd buy it again, 100%."
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
-    prompt = ppo.format_prompt(tok, "Review the lamp.")
+    prompt = loading.format_prompt(tok, "Review the lamp.")
     assert prompt == "<|user|>\nReview the lamp.\n<|assistant|>\n"
     ids = tok(prompt + "Nice.<|eos|>", add_special_tokens=False)["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids("<|user|>") and ids[-1] == tok.eos_token_id
@@ -64,16 +65,16 @@ def test_tokenizer_round_trip_and_special_tokens():
 
 @pytest.fixture(scope="module")
 def rm_scorer():
-    tok, _ = ppo.load_tokenizer(RM, "REWARD_MODEL")
-    model = ppo.freeze(ppo.load_model("score", RM, "REWARD_MODEL", torch.device("cpu"), torch.float32))
-    return ppo.RewardScorer(model, tok, tok, torch.device("cpu")), tok
+    tok, _ = loading.load_tokenizer(RM, "REWARD_MODEL")
+    model = loading.freeze(loading.load_model("score", RM, "REWARD_MODEL", torch.device("cpu"), torch.float32))
+    return loading.RewardScorer(model, tok, tok, torch.device("cpu")), tok
 
 
 def rm_scores(scorer, tok, prompt, replies, ended=None):
     ended = ended or [True] * len(replies)
     rows = [scorer.rm_ids(prompt, r, e) for r, e in zip(replies, ended)]
-    ids, mask = ppo.left_pad(rows, tok.pad_token_id, torch.device("cpu"))
-    return scorer.model(ids, mask, ppo.last_index(mask)).tolist()
+    ids, mask = loading.left_pad(rows, tok.pad_token_id, torch.device("cpu"))
+    return scorer.model(ids, mask, loading.last_index(mask)).tolist()
 
 
 def test_committed_reward_model_ranks_hand_written_pairs(rm_scorer):
@@ -91,11 +92,11 @@ def test_committed_reward_model_ranks_hand_written_pairs(rm_scorer):
 
 
 def test_committed_sft_model_ends_replies_with_eos():
-    tok, _ = ppo.load_tokenizer(SFT, "ACTOR_MODEL")
-    model = ppo.load_model("causal", SFT, "ACTOR_MODEL", torch.device("cpu"), torch.float32)
+    tok, _ = loading.load_tokenizer(SFT, "ACTOR_MODEL")
+    model = loading.load_model("causal", SFT, "ACTOR_MODEL", torch.device("cpu"), torch.float32)
     prompts = [r for r in json.load(open(os.path.join(ROOT, "data/ppo_eval.json")))[:64]]
-    rows = [tok(ppo.format_prompt(tok, ppo.user_text(r)), add_special_tokens=False)["input_ids"] for r in prompts]
-    q, m = ppo.left_pad(rows, tok.pad_token_id, torch.device("cpu"))
+    rows = [tok(loading.format_prompt(tok, loading.user_text(r)), add_special_tokens=False)["input_ids"] for r in prompts]
+    q, m = loading.left_pad(rows, tok.pad_token_id, torch.device("cpu"))
     torch.manual_seed(0)
     resp, _ = ppo.sample_responses(model, q, m, 48, 1.0, tok.eos_token_id, tok.pad_token_id)
     assert (resp == tok.eos_token_id).any(1).float().mean().item() >= 0.9
@@ -112,8 +113,8 @@ def test_builder_quick_mode_makes_models_that_load_and_generate(tmp_path):
     lm = AutoModelForCausalLM.from_pretrained(out / "models/demo-sft")
     rm = AutoModelForSequenceClassification.from_pretrained(out / "models/demo-rm")
     assert rm.config.num_labels == 1
-    tok, _ = ppo.load_tokenizer(str(out / "models/demo-sft"), "ACTOR_MODEL")
-    q, m = ppo.left_pad([tok(ppo.format_prompt(tok, "Review the lamp."))["input_ids"]], tok.pad_token_id,
+    tok, _ = loading.load_tokenizer(str(out / "models/demo-sft"), "ACTOR_MODEL")
+    q, m = loading.left_pad([tok(loading.format_prompt(tok, "Review the lamp."))["input_ids"]], tok.pad_token_id,
                         torch.device("cpu"))
     resp, _ = ppo.sample_responses(lm.eval(), q, m, 8, 1.0, tok.eos_token_id, tok.pad_token_id)
     assert resp.shape[0] == 1 and 1 <= resp.shape[1] <= 8

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import loading
 import ppo
 
 from conftest import RM, SFT, assert_same_rows, make_config, metrics_rows as rows, torchrun
@@ -23,23 +24,25 @@ def base_weights(model):
 
 def test_adapters_train_alone_over_a_frozen_base_shared_by_the_frozen_roles(tmp_path):
     c = make_config(tmp_path, TOTAL_STEPS=2, EVAL_FILE="", **LORA)
-    run = ppo.Run(c)
-    roles = run.roles
+    roles = loading.load_roles(c, CPU, torch.float32)
+    params = loading.trainable_parameters([roles.actor, roles.critic])  # what train() gives the optimizer
+    trainer = ppo.Trainer(roles.actor, roles.critic, params, torch.optim.AdamW(params, lr=c["LEARNING_RATE"]), None)
+    prompts, _ = loading.load_prompt_files(c, roles, ppo.batch_sizes(c, 1), lambda *a: None)
     # four roles, two models: the reference is the actor with its adapters off, the reward model the critic
-    assert isinstance(roles.ref, ppo.AdaptersOff) and roles.ref.module is roles.actor
-    assert isinstance(roles.rm.model, ppo.AdaptersOff) and roles.rm.model.module is roles.critic
+    assert isinstance(roles.ref, loading.AdaptersOff) and roles.ref.module is roles.actor
+    assert isinstance(roles.rm.model, loading.AdaptersOff) and roles.rm.model.module is roles.critic
     # only adapters and the (copied) value head are in the optimizer
     named = {id(p): n for m in (roles.actor, roles.critic) for n, p in m.named_parameters()}
-    trained = [named[id(p)] for g in roles.optimizer.param_groups for p in g["params"]]
+    trained = [named[id(p)] for g in trainer.optimizer.param_groups for p in g["params"]]
     assert trained and all("lora_" in n or "modules_to_save" in n for n in trained)
     assert any("score.modules_to_save" in n for n in trained)
-    assert all(p.dtype == torch.float32 for p in roles.params)
+    assert all(p.dtype == torch.float32 for p in params)
     before = {"actor": base_weights(roles.actor), "critic": base_weights(roles.critic.model)}
     with torch.no_grad():
-        plain_rm = ppo.load_model("reward", RM, "R", CPU, torch.float32)
-        plain_sft = ppo.load_model("causal", SFT, "S", CPU, torch.float32)
+        plain_rm = loading.load_model("reward", RM, "R", CPU, torch.float32)
+        plain_sft = loading.load_model("causal", SFT, "S", CPU, torch.float32)
     for step in (1, 2):
-        row, batch = ppo.ppo_step(roles, run.next_prompts(), 0.1, c, run.sizes)
+        row, batch = ppo.ppo_step(roles, trainer, prompts[4 * step:4 * step + 4], 0.1, c, ppo.batch_sizes(c, 1))
         if step == 1:  # adapters start as the identity: the policy is the reference (up to float rounding)
             assert abs(row["objective/kl"]) < 1e-4
     # the frozen base is unchanged bit for bit, and equal to the checkpoints on disk
@@ -53,12 +56,12 @@ def test_adapters_train_alone_over_a_frozen_base_shared_by_the_frozen_roles(tmp_
     assert any(p.abs().sum() > 0 for p in lora_b)  # the adapters did train
     # the reward model and the reference are still exactly the SFT/RM checkpoints
     ids, am, ctx = batch["query_responses"], batch["attention_mask"], batch["context_length"]
-    idx = ppo.last_index(am)
-    assert torch.equal(ppo.frozen_forward(roles.rm.model, ppo.call, ids, am, idx),
-                       ppo.frozen_forward(plain_rm, ppo.call, ids, am, idx))
-    ref_lp = ppo.frozen_forward(roles.ref, ppo.response_logprobs, ids, am, ctx, 1.0)
-    assert torch.allclose(ref_lp, ppo.frozen_forward(plain_sft, ppo.response_logprobs, ids, am, ctx, 1.0), atol=1e-6)
-    actor_lp = ppo.frozen_forward(roles.actor, ppo.response_logprobs, ids, am, ctx, 1.0)
+    idx = loading.last_index(am)
+    assert torch.equal(loading.frozen_forward(roles.rm.model, loading.call, ids, am, idx),
+                       loading.frozen_forward(plain_rm, loading.call, ids, am, idx))
+    ref_lp = loading.frozen_forward(roles.ref, ppo.response_logprobs, ids, am, ctx, 1.0)
+    assert torch.allclose(ref_lp, loading.frozen_forward(plain_sft, ppo.response_logprobs, ids, am, ctx, 1.0), atol=1e-6)
+    actor_lp = loading.frozen_forward(roles.actor, ppo.response_logprobs, ids, am, ctx, 1.0)
     assert not torch.allclose(actor_lp, ref_lp, atol=1e-4)  # with the adapters on, the trained policy
 
 
@@ -101,7 +104,7 @@ def test_lora_resume_is_exact_and_works_with_bf16_and_gradient_checkpointing(tmp
     c = make_config(tmp_path / "bf16", TOTAL_STEPS=2, EVAL_FILE="", GOLD_REWARD="", MAX_NEW_TOKENS=8,
                     DTYPE="bfloat16", GRADIENT_CHECKPOINTING=True, **LORA)
     assert ppo.train(c)["steps"] == 2
-    roles = ppo.load_roles(c, CPU, torch.bfloat16)
+    roles = loading.load_roles(c, CPU, torch.bfloat16)
     frozen = [p for p in roles.actor.parameters() if not p.requires_grad]
     assert all(p.dtype == torch.bfloat16 for p in frozen)
     assert all(p.dtype == torch.float32 for p in roles.actor.parameters() if p.requires_grad)
@@ -110,19 +113,19 @@ def test_lora_resume_is_exact_and_works_with_bf16_and_gradient_checkpointing(tmp
 
 def test_explicit_reference_and_critic_paths_load_separately(tmp_path):
     c = make_config(tmp_path, TOTAL_STEPS=1, EVAL_FILE="", REF_MODEL=SFT + "/", CRITIC_MODEL=RM + "/", **LORA)
-    roles = ppo.load_roles(c, CPU, torch.float32)
-    assert not isinstance(roles.ref, ppo.AdaptersOff) and not isinstance(roles.rm.model, ppo.AdaptersOff)
+    roles = loading.load_roles(c, CPU, torch.float32)
+    assert not isinstance(roles.ref, loading.AdaptersOff) and not isinstance(roles.rm.model, loading.AdaptersOff)
     assert roles.critic is not roles.rm.model and set(roles.adapters) == {"actor", "critic"}
 
 
 def test_lora_mistakes_are_one_clear_line(tmp_path, monkeypatch):
-    with pytest.raises(ppo.ConfigError, match="LORA_TARGET_MODULES 'nope'"):
-        ppo.load_roles(make_config(tmp_path, LORA_R=4, LORA_TARGET_MODULES="nope"), CPU, torch.float32)
-    with pytest.raises(ppo.ConfigError, match="LORA_R = -1"):
+    with pytest.raises(loading.ConfigError, match="LORA_TARGET_MODULES 'nope'"):
+        loading.load_roles(make_config(tmp_path, LORA_R=4, LORA_TARGET_MODULES="nope"), CPU, torch.float32)
+    with pytest.raises(loading.ConfigError, match="LORA_R = -1"):
         ppo.train(make_config(tmp_path, LORA_R=-1))
     monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
-    with pytest.raises(ppo.ConfigError, match="pip install peft"):
-        ppo.load_roles(make_config(tmp_path, LORA_R=4), CPU, torch.float32)
+    with pytest.raises(loading.ConfigError, match="pip install peft"):
+        loading.load_roles(make_config(tmp_path, LORA_R=4), CPU, torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

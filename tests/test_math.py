@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+import loading
+import plumbing
 import ppo
 
 
@@ -57,7 +59,7 @@ def test_truncate_after_eos_and_mask():
     resp, mask = ppo.truncate_after_eos(sampled, E, P)
     assert resp.tolist() == [[1, 2, E, P, P], [E, P, P, P, P], [1, 2, 3, 4, E], [1, 2, 3, 4, 5], [1, E, P, P, P]]
     assert mask.long().tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert ppo.last_index(mask).tolist() == [2, 0, 4, 4, 1]
+    assert loading.last_index(mask).tolist() == [2, 0, 4, 4, 1]
 
 
 def test_compute_rewards_hand_example():
@@ -179,24 +181,24 @@ def test_repetition_rate():
 
 def test_position_ids_ignore_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert ppo.position_ids_of(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert loading.position_ids_of(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
 def test_params_checksum_sees_one_ulp_and_nothing_else():
     torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.Linear(300, 5))
     b = copy.deepcopy(a)
-    assert ppo.params_checksum([a]) == ppo.params_checksum([b])
+    assert plumbing.params_checksum([a]) == plumbing.params_checksum([b])
     threads = torch.get_num_threads()
     try:  # the sum is over integers: the reduction order (thread count) cannot change it
         torch.set_num_threads(1)
-        assert ppo.params_checksum([a]) == ppo.params_checksum([b])
+        assert plumbing.params_checksum([a]) == plumbing.params_checksum([b])
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():
         w = b[0].weight
         w[3, 7] = torch.nextafter(w[3, 7], torch.tensor(1.0))
-    assert ppo.params_checksum([a]) != ppo.params_checksum([b])
+    assert plumbing.params_checksum([a]) != plumbing.params_checksum([b])
 
 
 def test_whitening_keeps_its_precision_when_the_mean_dwarfs_the_spread():

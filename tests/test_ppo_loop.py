@@ -5,9 +5,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import loading
 import ppo
 
-from conftest import make_config
+from conftest import make_config, roles_of
 
 CPU = torch.device("cpu")
 
@@ -19,13 +20,13 @@ def small_config(**kw):
 @pytest.fixture(scope="module")
 def world():
     c = small_config()
-    tok, _ = ppo.load_tokenizer(c["ACTOR_MODEL"], "ACTOR_MODEL")
-    actor = ppo.load_model("causal", c["ACTOR_MODEL"], "ACTOR_MODEL", CPU, torch.float32)
-    ref = ppo.freeze(ppo.load_model("causal", c["ACTOR_MODEL"], "REF_MODEL", CPU, torch.float32))
-    rm = ppo.freeze(ppo.load_model("score", c["REWARD_MODEL"], "REWARD_MODEL", CPU, torch.float32))
-    critic = ppo.load_model("score", c["REWARD_MODEL"], "CRITIC_MODEL", CPU, torch.float32)
-    scorer = ppo.RewardScorer(rm, tok, tok, CPU)
-    prompts = ppo.load_prompts(c["PROMPT_FILE"], tok, 128, "PROMPT_FILE")
+    tok, _ = loading.load_tokenizer(c["ACTOR_MODEL"], "ACTOR_MODEL")
+    actor = loading.load_model("causal", c["ACTOR_MODEL"], "ACTOR_MODEL", CPU, torch.float32)
+    ref = loading.freeze(loading.load_model("causal", c["ACTOR_MODEL"], "REF_MODEL", CPU, torch.float32))
+    rm = loading.freeze(loading.load_model("score", c["REWARD_MODEL"], "REWARD_MODEL", CPU, torch.float32))
+    critic = loading.load_model("score", c["REWARD_MODEL"], "CRITIC_MODEL", CPU, torch.float32)
+    scorer = loading.RewardScorer(rm, tok, tok, CPU)
+    prompts = loading.load_prompts(c["PROMPT_FILE"], tok, 128, "PROMPT_FILE")
     return c, tok, actor, ref, rm, critic, scorer, prompts
 
 
@@ -34,13 +35,13 @@ def test_step0_invariants(world):
     actor, critic = copy.deepcopy(actor), copy.deepcopy(critic)
     torch.manual_seed(0)
     B = 16
-    batch = ppo.rollout(actor, ref, critic, scorer, tok, [tok.eos_token_id], prompts[:B], c, CPU, beta=0.2)
+    batch = ppo.rollout(roles_of(tok, actor, ref, critic, scorer, [tok.eos_token_id]), prompts[:B], 0.2, c)
     mask = batch["mask"]
     # policy == reference => every per-token KL is 0 (the old logprobs come from the KV-cache sampler, the reference's
     # from a full forward: equal up to fp32 rounding), rewards are the score alone, at the last real token
     assert batch["kl"].abs().max().item() <= 1e-5
     assert torch.allclose(batch["rewards"].sum(1), batch["scores"], atol=1e-4)
-    last = ppo.last_index(mask)
+    last = loading.last_index(mask)
     assert torch.allclose(batch["rewards"][torch.arange(B), last], batch["scores"], atol=1e-5)
     # masked slots carry INVALID_LOGPROB; advantages are 0 there and whitened over real tokens
     assert (batch["logprobs"][~mask] == ppo.INVALID_LOGPROB).all()
@@ -52,7 +53,7 @@ def test_step0_invariants(world):
     # the critic starts as the reward model: its value at the EOS equals the RM score read there
     # (V_t is the value of the state *before* token t, so compare on the state that includes the last token)
     full = critic(batch["query_responses"], batch["attention_mask"],
-                            ppo.last_index(batch["attention_mask"]))
+                            loading.last_index(batch["attention_mask"]))
     assert torch.allclose(full, batch["raw_scores"], atol=1e-5)
 
     old_logprobs, old_values = batch["logprobs"].clone(), batch["values"].clone()
@@ -60,7 +61,7 @@ def test_step0_invariants(world):
     actor_before = [p.clone() for p in actor.parameters()]
     params = list(actor.parameters()) + list(critic.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, eps=1e-5)
-    stats = ppo.ppo_update(actor, critic, opt, params, batch, c)
+    stats = ppo.ppo_update(ppo.Trainer(actor, critic, params, opt, None), batch, c)
     # first micro-batch, before any optimizer step: ratio 1, no clipping, approx KL 0
     assert stats[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert stats[0]["policy/clipfrac_avg"] == 0 and stats[0]["policy/approxkl_avg"] < 1e-8
@@ -79,14 +80,14 @@ def test_step0_invariants(world):
 def test_gradient_clipping_bounds_the_joint_update(world):
     c, tok, actor, ref, rm, critic, scorer, prompts = world
     torch.manual_seed(0)
-    batch = ppo.rollout(actor, ref, critic, scorer, tok, [tok.eos_token_id], prompts[:4], c, CPU, beta=0.2)
+    batch = ppo.rollout(roles_of(tok, actor, ref, critic, scorer, [tok.eos_token_id]), prompts[:4], 0.2, c)
     one_step = dict(MINI_BATCH_SIZE=4, GRAD_ACCUM=1, PPO_BUFFER_SIZE=1, PPO_EPOCHS=1)
     for max_norm in (1e-3, 0.0, 1e6):  # clipped; off; above the norm (no change to the gradient)
         a, v = copy.deepcopy(actor), copy.deepcopy(critic)
         params = list(a.parameters()) + list(v.parameters())
         before = [p.detach().clone() for p in params]
         sgd = torch.optim.SGD(params, lr=1.0)  # the update is minus the (clipped) gradient itself
-        stats = ppo.ppo_update(a, v, sgd, params, batch, small_config(**one_step, MAX_GRAD_NORM=max_norm))
+        stats = ppo.ppo_update(ppo.Trainer(a, v, params, sgd, None), batch, small_config(**one_step, MAX_GRAD_NORM=max_norm))
         step = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)]).norm().item()
         grad_norm = stats[-1]["policy/grad_norm"]  # reported before clipping
         assert grad_norm > 1e-2
@@ -102,7 +103,7 @@ def test_logprobs_values_and_scores_do_not_depend_on_batch_padding(world):
     reply = tok("The lamp is great and sturdy.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
     def measure(rows):
-        q, qm = ppo.left_pad([r[2] for r in rows], tok.pad_token_id, CPU)
+        q, qm = loading.left_pad([r[2] for r in rows], tok.pad_token_id, CPU)
         resp = torch.full((len(rows), len(reply) + 3), tok.pad_token_id)
         resp[:, :len(reply)] = torch.tensor(reply)
         resp, m = ppo.truncate_after_eos(resp, tok.eos_token_id, tok.pad_token_id)
@@ -118,10 +119,10 @@ def test_logprobs_values_and_scores_do_not_depend_on_batch_padding(world):
     for a, b in zip(alone, padded):
         assert torch.allclose(a, b, atol=1e-4)
     # without position ids the padded row would differ (GPT-2 has absolute positions): the test can fail
-    q, qm = ppo.left_pad([short[2], long_[2]], tok.pad_token_id, CPU)
+    q, qm = loading.left_pad([short[2], long_[2]], tok.pad_token_id, CPU)
     with torch.no_grad():
         bad = actor(input_ids=q, attention_mask=qm).logits[0, -1]
-        good = actor(input_ids=q, attention_mask=qm, position_ids=ppo.position_ids_of(qm)).logits[0, -1]
+        good = actor(input_ids=q, attention_mask=qm, position_ids=loading.position_ids_of(qm)).logits[0, -1]
     assert not torch.allclose(bad, good, atol=1e-3)
 
 
@@ -130,7 +131,7 @@ def test_sampler_logprobs_equal_rescoring_with_temperature_and_offset(world):
     # the rollout's old logprobs come from the sampler: on a left-padded batch at T = 0.7 they must equal the
     # re-scored log_softmax(logits / T) at the token's own position (implementation details #2, #4, #5, #6)
     rows = sorted(prompts[:40], key=lambda p: len(p[2]))[::5]  # prompts of different lengths: real left padding
-    q, qm = ppo.left_pad([r[2] for r in rows], tok.pad_token_id, CPU)
+    q, qm = loading.left_pad([r[2] for r in rows], tok.pad_token_id, CPU)
     torch.manual_seed(0)
     sampled, sampler_lp = ppo.sample_responses(actor, q, qm, 24, 0.7, tok.eos_token_id, tok.pad_token_id)
     resp, m = ppo.truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
@@ -146,7 +147,7 @@ def test_sampler_logprobs_equal_rescoring_with_temperature_and_offset(world):
 def test_sampler_draws_from_the_temperature_scaled_policy(world):
     c, tok, actor, ref, rm, critic, scorer, prompts = world
     # many copies of one prompt: the empirical first-token distribution matches softmax(logits / T)
-    q, qm = ppo.left_pad([prompts[0][2]] * 4000, tok.pad_token_id, CPU)
+    q, qm = loading.left_pad([prompts[0][2]] * 4000, tok.pad_token_id, CPU)
     torch.manual_seed(0)
     first = ppo.sample_responses(actor, q, qm, 1, 0.7, tok.eos_token_id, tok.pad_token_id)[0][:, 0]
     with torch.no_grad():
@@ -190,9 +191,9 @@ def test_replies_end_at_any_of_the_stop_tokens(world):
     period = tok.convert_tokens_to_ids(".")
     stops = [tok.eos_token_id, period]
     torch.manual_seed(0)
-    batch = ppo.rollout(actor, ref, critic, scorer, tok, stops, prompts[:16], c, CPU, beta=0.2)
+    batch = ppo.rollout(roles_of(tok, actor, ref, critic, scorer, stops), prompts[:16], 0.2, c)
     resp, mask, ended = batch["responses"], batch["mask"], batch["ended"]
-    last = resp[torch.arange(len(resp)), ppo.last_index(mask)]
+    last = resp[torch.arange(len(resp)), loading.last_index(mask)]
     assert torch.equal(ended, torch.isin(last, torch.tensor(stops)))  # ended <=> the last real token is a stop token
     assert ((ppo.is_stop(resp, stops) & mask).sum(1) <= 1).all()     # nothing is kept after the first one
     assert (last == period).sum() >= 8 and ended.all()               # the extra stop token really ends replies
@@ -204,7 +205,7 @@ def test_gradient_accumulation_all_reduces_once_per_optimizer_step(world):
     others): counted with a comm hook on a one-process gloo group."""
     c, tok, actor, ref, rm, critic, scorer, prompts = world
     torch.manual_seed(0)
-    batch = ppo.rollout(actor, ref, critic, scorer, tok, [tok.eos_token_id], prompts[:4], c, CPU, beta=0.2)
+    batch = ppo.rollout(roles_of(tok, actor, ref, critic, scorer, [tok.eos_token_id]), prompts[:4], 0.2, c)
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         def reductions(grad_accum):
@@ -219,7 +220,7 @@ def test_gradient_accumulation_all_reduces_once_per_optimizer_step(world):
             a.register_comm_hook(None, count), v.register_comm_hook(None, count)
             params = list(a.parameters()) + list(v.parameters())
             cfg = small_config(MINI_BATCH_SIZE=4 // grad_accum, GRAD_ACCUM=grad_accum, PPO_BUFFER_SIZE=1, PPO_EPOCHS=1)
-            stats = ppo.ppo_update(a, v, torch.optim.SGD(params, lr=0.0), params, batch, cfg)
+            stats = ppo.ppo_update(ppo.Trainer(a, v, params, torch.optim.SGD(params, lr=0.0), None), batch, cfg)
             assert len(stats) == grad_accum
             return len(calls)
         one, two = reductions(1), reductions(2)

@@ -4,6 +4,7 @@ reward model, and what a user does with the saved models afterwards."""
 import pytest
 import torch
 
+import loading
 import ppo
 
 from conftest import SFT, make_config
@@ -65,20 +66,20 @@ def test_base_model_with_learned_positions_and_an_encoder_reward_model(tiny_chec
     assert any("encoder classifier" in n and "zero-initialised value head" in n for n in s["notes"])
     assert_saved_models_work(tmp_path, [m["stop_tokens"]["</s>"]])
     # and a budget with no room at all is one clear error naming both numbers
-    with pytest.raises(ppo.ConfigError, match="MAX_NEW_TOKENS = 64 leaves no room for a prompt in the 64 positions"):
+    with pytest.raises(loading.ConfigError, match="MAX_NEW_TOKENS = 64 leaves no room for a prompt in the 64 positions"):
         ppo.train(config(tmp_path / "x", ACTOR_MODEL=opt, MAX_NEW_TOKENS=64))
 
 
 def test_encoder_reward_model_scores_through_its_own_tokenizer_and_pooling(tiny_checkpoint):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     path = tiny_checkpoint("distilbert-rm")
-    rm_tok, _ = ppo.load_tokenizer(path, "REWARD_MODEL")
-    actor_tok, _ = ppo.load_tokenizer(SFT, "ACTOR_MODEL")
-    scorer = ppo.RewardScorer(ppo.freeze(ppo.load_model("reward", path, "REWARD_MODEL", CPU, torch.float32,
+    rm_tok, _ = loading.load_tokenizer(path, "REWARD_MODEL")
+    actor_tok, _ = loading.load_tokenizer(SFT, "ACTOR_MODEL")
+    scorer = loading.RewardScorer(loading.freeze(loading.load_model("reward", path, "REWARD_MODEL", CPU, torch.float32,
                                                         label="POSITIVE")), rm_tok, actor_tok, CPU)
     users = ["Review the lamp.", "What do you think of the kettle you bought last week?"]
     replies = ["It is great.", "It broke after a week and the lid is loose."]
-    got = scorer(None, None, None, [(u, None, None) for u in users], replies, [True, False])
+    got = scorer(None, None, None, [loading.Prompt(u, None, None) for u in users], replies, [True, False])
     # the same pairs through plain transformers, one at a time (no padding): the POSITIVE logit
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForSequenceClassification.from_pretrained(path).eval()
     for i, (u, r) in enumerate(zip(users, replies)):
@@ -89,23 +90,23 @@ def test_encoder_reward_model_scores_through_its_own_tokenizer_and_pooling(tiny_
 
 def test_a_classifier_with_several_outputs_needs_the_label_named(tiny_checkpoint):
     path = tiny_checkpoint("distilbert-rm")
-    load = lambda role="REWARD_MODEL", kind="reward", **kw: ppo.load_model(kind, path, role, CPU, torch.float32, **kw)  # noqa
-    with pytest.raises(ppo.ConfigError, match=r"has 2 outputs \(NEGATIVE, POSITIVE\).*--reward_label"):
+    load = lambda role="REWARD_MODEL", kind="reward", **kw: loading.load_model(kind, path, role, CPU, torch.float32, **kw)  # noqa
+    with pytest.raises(loading.ConfigError, match=r"has 2 outputs \(NEGATIVE, POSITIVE\).*--reward_label"):
         load()
-    with pytest.raises(ppo.ConfigError, match="REWARD_LABEL 'happy' is not an output.*1 = POSITIVE"):
+    with pytest.raises(loading.ConfigError, match="REWARD_LABEL 'happy' is not an output.*1 = POSITIVE"):
         load(label="happy")
     assert load(label="1").index == 1 and load(label="NEGATIVE").index == 0
-    with pytest.raises(ppo.ConfigError, match="no `score` head"):  # an encoder gives no value per token
+    with pytest.raises(loading.ConfigError, match="no `score` head"):  # an encoder gives no value per token
         load("CRITIC_MODEL", "score")
 
 
 def test_stop_tokens_come_from_generation_config_and_the_tokenizer(tiny_checkpoint):
     path = tiny_checkpoint("llama3")
-    tok, _ = ppo.load_tokenizer(path, "ACTOR_MODEL")
-    actor = ppo.load_model("causal", path, "ACTOR_MODEL", CPU, torch.float32)
+    tok, _ = loading.load_tokenizer(path, "ACTOR_MODEL")
+    actor = loading.load_model("causal", path, "ACTOR_MODEL", CPU, torch.float32)
     eos, eot = tok.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])
-    assert ppo.stop_token_ids(tok, actor, "") == sorted([eos, eot])
-    assert ppo.stop_token_ids(tok, actor, "<|eot_id|>, 7") == sorted([eot, 7])  # STOP_TOKENS replaces them
+    assert loading.stop_token_ids(tok, actor, "") == sorted([eos, eot])
+    assert loading.stop_token_ids(tok, actor, "<|eot_id|>, 7") == sorted([eot, 7])  # STOP_TOKENS replaces them
     for bad in ("<|nope|>", "99999"):
-        with pytest.raises(ppo.ConfigError, match="not one token of the actor's tokenizer"):
-            ppo.stop_token_ids(tok, actor, bad)
+        with pytest.raises(loading.ConfigError, match="not one token of the actor's tokenizer"):
+            loading.stop_token_ids(tok, actor, bad)

@@ -10,9 +10,11 @@ import time
 import pytest
 import torch
 
+import loading
+import plumbing
 import ppo
 
-from conftest import RM, ROOT, SFT, assert_same_rows, make_args, make_config as config, metrics_rows as rows
+from conftest import RM, ROOT, SFT, assert_same_rows, make_args, make_config as config, metrics_rows as rows, roles_of
 
 SCRIPT = os.path.join(ROOT, "code/ppo.py")
 SMALL = make_args()
@@ -32,7 +34,7 @@ def test_four_steps_equal_two_then_two_resumed(tmp_path):
     # a damaged checkpoint is one clear line that names it, and nothing is written
     for name, damage in (("state.pt", b"PK\x03\x04 cut off"), ("meta.json", b'{"step": 4, "conf')):
         (tmp_path / "b/checkpoints/step_00000004" / name).write_bytes(damage)
-        with pytest.raises(ppo.ConfigError, match=f"step_00000004: {name} cannot be read"):
+        with pytest.raises(loading.ConfigError, match=f"step_00000004: {name} cannot be read"):
             ppo.train(config(tmp_path / "b", TOTAL_STEPS=5))
         assert (tmp_path / "b/ppo_metrics/summary.json").read_bytes() == before
 
@@ -54,7 +56,7 @@ def test_a_checkpoint_from_before_newer_settings_resumes_exactly(tmp_path, capsy
     meta["config"] = {k: v for k, v in meta["config"].items() if k not in new}
     json.dump(meta, open(ckpt / "meta.json", "w"))
     # a new setting away from its default is a change of config
-    with pytest.raises(ppo.ConfigError, match="comes from a different config .KL_IN None -> 'loss'."):
+    with pytest.raises(loading.ConfigError, match="comes from a different config .KL_IN None -> 'loss'."):
         ppo.train(config(tmp_path / "b", TOTAL_STEPS=4, EVAL_FILE="", KL_IN="loss", RESUME=str(ckpt)))
     capsys.readouterr()
     assert ppo.train(config(tmp_path / "b", TOTAL_STEPS=4, EVAL_FILE=""))["steps"] == 4
@@ -72,7 +74,7 @@ def test_checkpoints_rotate_and_a_changed_config_starts_fresh_keeping_the_old_on
     aside = [n for n in os.listdir(tmp_path) if n.startswith("checkpoints_before_")]
     assert len(aside) == 1 and sorted(os.listdir(tmp_path / aside[0])) == ["step_00000004", "step_00000005"]
     # an explicit checkpoint of another config is a clear error
-    with pytest.raises(ppo.ConfigError, match="different config"):
+    with pytest.raises(loading.ConfigError, match="different config"):
         ppo.train(config(tmp_path / "x", RESUME=str(tmp_path / aside[0]), LEARNING_RATE=1e-5))
 
 
@@ -114,7 +116,7 @@ def test_kill_9_resumes_from_the_last_checkpoint(tmp_path):
     wait_for_rows(out / "ppo_metrics/training_metrics.csv", 5, p)
     p.kill()
     p.wait()
-    last = int(os.path.basename(ppo.list_checkpoints(out / "checkpoints")[-1]).split("_")[1])  # not a half-written one
+    last = int(os.path.basename(plumbing.list_checkpoints(out / "checkpoints")[-1]).split("_")[1])  # not a half-written one
     r = subprocess.run([sys.executable, SCRIPT, f"--output_dir={out}", f"--total_steps={last + 1}",
                         "--save_every=2"] + SMALL, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -124,29 +126,29 @@ def test_kill_9_resumes_from_the_last_checkpoint(tmp_path):
 
 def test_non_finite_gradients_skip_the_update():
     c = config("unused", GRAD_ACCUM=1, PPO_EPOCHS=1)
-    actor = ppo.load_model("causal", SFT, "ACTOR_MODEL", torch.device("cpu"), torch.float32)
-    critic = ppo.load_model("score", RM, "CRITIC_MODEL", torch.device("cpu"), torch.float32)
-    tok, _ = ppo.load_tokenizer(SFT, "ACTOR_MODEL")
-    ref = ppo.freeze(ppo.load_model("causal", SFT, "REF_MODEL", torch.device("cpu"), torch.float32))
-    scorer = ppo.RewardScorer(ppo.freeze(ppo.load_model("score", RM, "REWARD_MODEL", torch.device("cpu"),
+    actor = loading.load_model("causal", SFT, "ACTOR_MODEL", torch.device("cpu"), torch.float32)
+    critic = loading.load_model("score", RM, "CRITIC_MODEL", torch.device("cpu"), torch.float32)
+    tok, _ = loading.load_tokenizer(SFT, "ACTOR_MODEL")
+    ref = loading.freeze(loading.load_model("causal", SFT, "REF_MODEL", torch.device("cpu"), torch.float32))
+    scorer = loading.RewardScorer(loading.freeze(loading.load_model("score", RM, "REWARD_MODEL", torch.device("cpu"),
                                                         torch.float32)), tok, tok, torch.device("cpu"))
-    prompts = ppo.load_prompts(c["PROMPT_FILE"], tok, 128, "PROMPT_FILE")[:4]
-    batch = ppo.rollout(actor, ref, critic, scorer, tok, [tok.eos_token_id], prompts, c, torch.device("cpu"), 0.1)
+    prompts = loading.load_prompts(c["PROMPT_FILE"], tok, 128, "PROMPT_FILE")[:4]
+    batch = ppo.rollout(roles_of(tok, actor, ref, critic, scorer, [tok.eos_token_id]), prompts, 0.1, c)
     batch["advantages"] = batch["advantages"].masked_fill(batch["mask"], float("nan"))
     params = list(actor.parameters()) + list(critic.parameters())
     before = [p.clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    stats = ppo.ppo_update(actor, critic, opt, params, batch, c)
+    stats = ppo.ppo_update(ppo.Trainer(actor, critic, params, opt, None), batch, c)
     assert stats[-1]["train/skipped_frac"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, params)) and all(p.grad is None for p in params)
 
 
 def test_steps_of_nan_scores_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
     ppo.train(config(tmp_path, TOTAL_STEPS=2))
-    real = ppo.RewardScorer.__call__
-    monkeypatch.setattr(ppo.RewardScorer, "__call__",
+    real = loading.RewardScorer.__call__
+    monkeypatch.setattr(loading.RewardScorer, "__call__",
                         lambda self, *a: real(self, *a) if a[0].shape[0] > 4 else torch.full((a[0].shape[0],), float("nan")))
-    with pytest.raises(ppo.TrainingDiverged, match=r"3 PPO steps in a row .*step_00000002") as stopped:
+    with pytest.raises(plumbing.TrainingDiverged, match=r"3 PPO steps in a row .*step_00000002") as stopped:
         ppo.train(config(tmp_path, TOTAL_STEPS=10, EVAL_EVERY=0))
     # the run closed its CSV on the way out (its frames are still alive in the traceback)
     import gc
@@ -156,7 +158,7 @@ def test_steps_of_nan_scores_stop_the_run_keeping_the_last_good_checkpoint(tmp_p
     r = rows(tmp_path)
     assert [float(x["train/bad_scores"]) for x in r] == [0, 0, 1, 1, 1]
     assert os.listdir(tmp_path / "checkpoints") == ["step_00000002"]
-    s = ppo.health_verdicts(__import__("pandas").DataFrame([{k: float(v) for k, v in x.items()} for x in r]), 6.0,
+    s = plumbing.health_verdicts(__import__("pandas").DataFrame([{k: float(v) for k, v in x.items()} for x in r]), 6.0,
                             None, None)
     assert any("non-finite" in h for h in s)
 
@@ -167,7 +169,7 @@ def test_health_verdicts_flag_over_optimisation_of_the_reward_model():
 
     def verdicts(gold, ev_gold_after=2.5):
         df = pd.DataFrame({"objective/scores": rm, "objective/gold_scores": gold, "objective/kl": [5.0] * 20})
-        return ppo.health_verdicts(df, 6.0, {"rm_score": 0.1, "gold_score": 0.3, "kl": 0.0},
+        return plumbing.health_verdicts(df, 6.0, {"rm_score": 0.1, "gold_score": 0.3, "kl": 0.0},
                                    {"rm_score": 2.2, "gold_score": ev_gold_after, "kl": 5.0})
     assert not any("over-optimisation" in v for v in verdicts([1.0] * 10 + [3.0] * 10))  # gold follows the RM
     assert any("over-optimisation" in v for v in verdicts([1.2] * 20))                   # gold stands still
@@ -265,7 +267,7 @@ def test_bad_input_leaves_earlier_outputs_intact(bad_args, needle, finished_run,
 
 
 def test_output_dir_that_cannot_be_created(bad_files, tmp_path):
-    with pytest.raises(ppo.ConfigError, match="not writable"):
+    with pytest.raises(loading.ConfigError, match="not writable"):
         ppo.train(config(tmp_path, OUTPUT_DIR=str(bad_files / "a_file" / "out")))
 
 
@@ -276,7 +278,7 @@ def test_missing_pad_or_pad_equal_to_eos_is_handled(tmp_path, pad):
     tok = AutoTokenizer.from_pretrained(tmp_path / "actor")
     tok.pad_token = None if pad is None else tok.eos_token
     tok.save_pretrained(tmp_path / "actor")
-    tok2, notes = ppo.load_tokenizer(str(tmp_path / "actor"), "ACTOR_MODEL")
+    tok2, notes = loading.load_tokenizer(str(tmp_path / "actor"), "ACTOR_MODEL")
     assert len(tok2) == len(tok) and tok2.pad_token_id == tok2.eos_token_id  # no token added; pad is a real token
     assert (pad is None) == any("no pad token" in n for n in notes)
     s = ppo.train(config(tmp_path / "out", ACTOR_MODEL=str(tmp_path / "actor"), TOTAL_STEPS=2))

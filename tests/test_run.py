@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import loading
+import plumbing
 import ppo
 
 from conftest import ROOT, SFT, assert_same_rows, make_args
@@ -69,9 +71,9 @@ def test_seed_makes_a_cpu_run_repeatable(quick_run, tmp_path):
 
 def test_overrides_parse_by_type_and_case_insensitively():
     cfg = {k: getattr(ppo, k) for k in ppo.CONFIG_KEYS}
-    got = ppo.parse_overrides(["--Total_Steps=7", "--learning_rate=1e-6", "--adaptive_kl=false", "--ref_model=x"], cfg)
+    got = plumbing.parse_overrides(["--Total_Steps=7", "--learning_rate=1e-6", "--adaptive_kl=false", "--ref_model=x"], cfg)
     assert got == {"TOTAL_STEPS": 7, "LEARNING_RATE": 1e-6, "ADAPTIVE_KL": False, "REF_MODEL": "x"}
-    assert isinstance(ppo.parse_overrides(["--ppo_target=6"], cfg)["PPO_TARGET"], float)
+    assert isinstance(plumbing.parse_overrides(["--ppo_target=6"], cfg)["PPO_TARGET"], float)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -105,11 +107,11 @@ def test_prompt_file_problems(tmp_path):
     no_instr = tmp_path / "noinstr.jsonl"
     no_instr.write_text('{"input": "x"}\n')
     for path, needle in [(bad_json, "neither JSON nor JSONL"), (empty, "holds no records")]:
-        with pytest.raises(ppo.ConfigError, match=needle):
-            ppo.read_records(str(path), "PROMPT_FILE")
-    tok, _ = ppo.load_tokenizer(SFT, "ACTOR_MODEL")
-    with pytest.raises(ppo.ConfigError, match="the first record fits no prompt format"):
-        ppo.load_prompts(str(no_instr), tok, 128, "PROMPT_FILE")
+        with pytest.raises(loading.ConfigError, match=needle):
+            loading.read_records(str(path), "PROMPT_FILE")
+    tok, _ = loading.load_tokenizer(SFT, "ACTOR_MODEL")
+    with pytest.raises(loading.ConfigError, match="the first record fits no prompt format"):
+        loading.load_prompts(str(no_instr), tok, 128, "PROMPT_FILE")
 
 
 def test_help_lists_every_constant_with_its_comment():

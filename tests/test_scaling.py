@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import loading
 import ppo
 
 from conftest import RM, ROOT, assert_same_rows, make_config, torchrun
@@ -42,18 +43,18 @@ def llama_actor(tmp_path_factory):
 
 
 def test_chat_templates_and_retokenised_reward_equal_direct_scoring(llama_actor):
-    tok, _ = ppo.load_tokenizer(llama_actor, "ACTOR_MODEL")
-    rm_tok, _ = ppo.load_tokenizer(RM, "REWARD_MODEL")
-    prompts = ppo.load_prompts(os.path.join(ROOT, "data/ppo_eval.json"), tok, 128, "EVAL_FILE")[:4]
+    tok, _ = loading.load_tokenizer(llama_actor, "ACTOR_MODEL")
+    rm_tok, _ = loading.load_tokenizer(RM, "REWARD_MODEL")
+    prompts = loading.load_prompts(os.path.join(ROOT, "data/ppo_eval.json"), tok, 128, "EVAL_FILE")[:4]
     assert prompts[0][1].startswith("[INST] ") and prompts[0][1].endswith(" [/INST]")  # the actor's own template
-    rm = ppo.freeze(ppo.load_model("score", RM, "REWARD_MODEL", CPU, torch.float32))
-    scorer = ppo.RewardScorer(rm, rm_tok, tok, CPU)
+    rm = loading.freeze(loading.load_model("score", RM, "REWARD_MODEL", CPU, torch.float32))
+    scorer = loading.RewardScorer(rm, rm_tok, tok, CPU)
     assert not scorer.same_tokenizer
     replies = ["The lamp is great and sturdy.", "It broke after a week.", "I really like the design.", "The kettle"]
     ended = [True, True, True, False]
     rows = [p[2] for p in prompts]
     resp = [tok(r, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if e else []) for r, e in zip(replies, ended)]
-    q, qm = ppo.left_pad(rows, tok.pad_token_id, CPU)
+    q, qm = loading.left_pad(rows, tok.pad_token_id, CPU)
     width = max(map(len, resp))
     r_ids = torch.full((4, width), tok.pad_token_id)
     for i, r in enumerate(resp):
@@ -81,7 +82,7 @@ def test_two_ppo_steps_with_llama_actor_and_foreign_reward_model(llama_actor, tm
     rows = list(csv.DictReader(open(tmp_path / "ppo_metrics/training_metrics.csv")))
     assert len(rows) == 2 and all(float(r["val/mean_value"]) == float(r["val/mean_value"]) for r in rows)
     # an explicit critic with another tokenizer is refused
-    with pytest.raises(ppo.ConfigError, match="different tokenizer"):
+    with pytest.raises(loading.ConfigError, match="different tokenizer"):
         ppo.train(dict(c, CRITIC_MODEL=RM))
 
 
@@ -123,7 +124,7 @@ def test_bf16_compute_with_gradient_checkpointing(tmp_path):
     assert s["derived"]["dtype"] == "bfloat16" and s["steps"] == 2
     rows = list(csv.DictReader(open(tmp_path / "ppo_metrics/training_metrics.csv")))
     assert all(abs(float(r["objective/kl"])) < 1.0 for r in rows)  # bf16 reference vs autocast actor: close, not equal
-    roles = ppo.load_roles(c, CPU, torch.bfloat16)
+    roles = loading.load_roles(c, CPU, torch.bfloat16)
     assert next(roles.actor.parameters()).dtype == torch.float32 and next(roles.ref.parameters()).dtype == torch.bfloat16
     assert roles.actor.is_activation_checkpointing
 

@@ -1,0 +1,1178 @@
+"""What runs around the PPO loop of code/ppo.py (the lesson), none of it changing what PPO computes.
+
+    processes and batches   setup, Setup, batch_sizes, check_config: every setting's bounds, checked once
+    the run's bookkeeping   Run, RunState: resume, the CSV, records, checkpoints, interrupts, the end of the run
+    checkpoints             save_checkpoint, choose_checkpoint: exact resume, atomic writes
+    reporting               METRICS (every logged metric, named once), curves, summary.json, health verdicts,
+                            TensorBoard / W&B dashboards
+    command line            resolve_config (--name=value, --help), main (exit codes), leave
+    distributed             torchrun detection, all-reduce helpers, DDP / FSDP2 wrapping
+
+Settings reach this module as arguments (the config dict `c` and the defaults of code/ppo.py); it never imports ppo.
+"""
+import contextlib
+import csv
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import sys
+import time
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from loading import AdaptersOff, ConfigError, first_line
+
+matplotlib.use("Agg")  # write PNGs without a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class TrainingDiverged(Exception):
+    """MAX_BAD_STEPS steps in a row with non-finite numbers: reported as one line, exit code 3."""
+
+
+# settings that may change when a run is resumed: how long it runs and how it reports, not what it computes
+RESUMABLE_CHANGES = {"TOTAL_STEPS", "RESUME", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "EVAL_FILE", "EVAL_SIZE",
+                     "SAMPLE_EVERY", "OUTPUT_DIR", "SAVE_MODEL", "MAX_BAD_STEPS", "DEVICE", "REPORT_TO"}
+
+
+# ---- distributed: under torchrun every reduction spans all ranks; in one process each is the identity ---------------
+def dist_on():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size():
+    return torch.distributed.get_world_size() if dist_on() else 1
+
+
+def all_reduce_sum(t):
+    if dist_on():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_mean(values):
+    """{name: float} averaged over ranks, so every rank logs (and acts on) the same numbers."""
+    if not dist_on():
+        return values
+    keys = list(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = all_reduce_sum(t.to(DIST_DEVICE)) / torch.distributed.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def all_gather_list(items):
+    """Concatenate a Python list across ranks, in rank order."""
+    if not dist_on():
+        return items
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+DIST_DEVICE = torch.device("cpu")  # where collectives run: the rank's GPU under NCCL (set by setup_distributed)
+
+
+def setup_distributed(c):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (nanoGPT-style detection); a plain `python` run is one process.
+    Returns (rank, world, device)."""
+    global DIST_DEVICE
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(c["DEVICE"])
+    if c["DISTRIBUTED"] not in ("ddp", "fsdp"):
+        raise ConfigError(f"DISTRIBUTED = {c['DISTRIBUTED']!r} must be 'ddp' or 'fsdp'")
+    device = pick_device(c["DEVICE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    DIST_DEVICE = device if device.type == "cuda" else torch.device("cpu")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def wrap_for_training(actor, critic, c, device):
+    """Under torchrun: DDP (a full copy per rank, gradients all-reduced) or FSDP2 (fully_shard: parameters, gradients
+    and optimizer state sharded over ranks, each decoder layer gathered when used). Returns the modules the training
+    forward calls; rollout and evaluation call the plain (or, under FSDP, sharded) modules directly."""
+    if not dist_on():
+        return actor, critic
+    if c["DISTRIBUTED"] == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return (torch.nn.parallel.DistributedDataParallel(actor, device_ids=ids),
+                torch.nn.parallel.DistributedDataParallel(critic, device_ids=ids) if critic is not None else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for root, hf_model in [(actor, actor)] + ([(critic, critic.model)] if critic is not None else []):
+        layer_classes = set(getattr(hf_model, "_no_split_modules", None) or [])
+        for m in hf_model.modules():
+            if type(m).__name__ in layer_classes:
+                fully_shard(m, mesh=mesh)
+        fully_shard(root, mesh=mesh)
+    return actor, critic
+
+
+def gradient_sync(modules, sync):
+    """A context for one micro-batch's forward and backward: with gradient accumulation only the last micro-batch
+    of an optimizer step needs the gradient all-reduce (DDP's no_sync on the others; FSDP2's
+    set_requires_gradient_sync). Outside torchrun it does nothing."""
+    stack = contextlib.ExitStack()
+    for m in modules:
+        if isinstance(m, torch.nn.parallel.DistributedDataParallel) and not sync:
+            stack.enter_context(m.no_sync())
+        elif hasattr(m, "set_requires_gradient_sync"):  # FSDP2 (fully_shard)
+            m.set_requires_gradient_sync(sync)
+    return stack
+
+
+def params_checksum(modules):
+    """One number per rank that differs when the ranks' parameters differ (DDP must keep them identical): the sum of
+    every parameter's bit patterns read as integers, wrapping around. Integer sums do not depend on the order of the
+    reduction, so equal weights give equal sums on any kernel, and a one-ulp change shows. No copy is made (an fp64
+    sum copies each tensor first: 4.4 GB for a 7B model's embedding)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    with torch.no_grad():
+        sums = [p.detach().reshape(-1).view(ints[p.element_size()]).sum(dtype=ints[p.element_size()]).long()
+                for m in modules for p in m.parameters()]
+        return sum(torch.stack(sums).tolist())
+
+
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"DEVICE = {name!r} but CUDA is not available here; use --device=cpu or --device=auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("DEVICE = 'mps' but MPS is not available here; use --device=cpu or --device=auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"DEVICE = {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def check_writable(output_dir, metrics_dir, rank):
+    try:
+        os.makedirs(metrics_dir, exist_ok=True)
+        probe = os.path.join(metrics_dir, f".write_test{rank}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"OUTPUT_DIR {output_dir!r} is not writable ({e.strerror}); pick another with "
+                          f"--output_dir=...") from None
+
+
+# ---- config checks and the LR schedule ------------------------------------------------------------------------------
+def lr_schedule(optimizer, c):
+    """LR_SCHEDULE through transformers' get_scheduler, stepped once per optimizer step: WARMUP_STEPS steps of linear
+    warm-up from 0, then constant, or a linear or cosine decay to 0 at the run's last optimizer step (TOTAL_STEPS x
+    PPO_EPOCHS x PPO_BUFFER_SIZE of them: each epoch makes PPO_BUFFER_SIZE optimizer steps)."""
+    from transformers import get_scheduler
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[c["LR_SCHEDULE"]]
+    return get_scheduler(name, optimizer, num_warmup_steps=c["WARMUP_STEPS"],
+                         num_training_steps=c["TOTAL_STEPS"] * c["PPO_EPOCHS"] * c["PPO_BUFFER_SIZE"])
+
+
+def check_config(c):
+    """The bounds every setting must respect (batch sizes are derived and checked in batch_sizes)."""
+    for k in ("MINI_BATCH_SIZE", "GRAD_ACCUM", "PPO_BUFFER_SIZE", "PPO_EPOCHS", "MAX_NEW_TOKENS", "MAX_PROMPT_TOKENS"):
+        if c[k] < 1:
+            raise ConfigError(f"{k} = {c[k]} must be a positive integer")
+    for k in ("TOTAL_STEPS", "EVAL_EVERY", "SAMPLE_EVERY", "EVAL_SIZE", "SAVE_EVERY"):
+        if c[k] < 0:
+            raise ConfigError(f"{k} = {c[k]} must be >= 0")
+    if c["KEEP_CHECKPOINTS"] < 1 or c["MAX_BAD_STEPS"] < 1:
+        raise ConfigError("KEEP_CHECKPOINTS and MAX_BAD_STEPS must be >= 1")
+    for k in ("PPO_TARGET", "TEMPERATURE", "KL_HORIZON", "LEARNING_RATE"):
+        if not c[k] > 0:
+            raise ConfigError(f"{k} = {c[k]} must be > 0")
+    for k in ("INIT_KL_COEF", "CLIP_RANGE", "CLIP_RANGE_VALUE", "VF_COEF", "MAX_GRAD_NORM", "SCORE_CLIP",
+              "MISSING_EOS_PENALTY", "WEIGHT_DECAY"):
+        if c[k] < 0:
+            raise ConfigError(f"{k} = {c[k]} must be >= 0")
+    if c["ADVANTAGE"] not in ("gae", "grpo", "rloo", "reinforce++"):
+        raise ConfigError(f"ADVANTAGE = {c['ADVANTAGE']!r} must be gae, grpo, rloo or reinforce++")
+    if c["SAMPLES_PER_PROMPT"] < (2 if c["ADVANTAGE"] in ("grpo", "rloo") else 1):
+        raise ConfigError(f"SAMPLES_PER_PROMPT = {c['SAMPLES_PER_PROMPT']} is too few for ADVANTAGE = "
+                          f"{c['ADVANTAGE']!r}: " + ("its baseline is the other replies to the same prompt; use 2 or "
+                                                     "more (4-16 is usual)" if c["ADVANTAGE"] in ("grpo", "rloo")
+                                                     else "use 1 or more"))
+    if c["KL_IN"] not in ("reward", "loss"):
+        raise ConfigError(f"KL_IN = {c['KL_IN']!r} must be 'reward' or 'loss'")
+    if c["KL_ESTIMATOR"] not in ("k1", "k3"):
+        raise ConfigError(f"KL_ESTIMATOR = {c['KL_ESTIMATOR']!r} must be 'k1' or 'k3'")
+    if not 0 <= c["LAM"] <= 1 or not 0 <= c["GAMMA"] <= 1:
+        raise ConfigError("GAMMA and LAM must lie in [0, 1]")
+    if c["LORA_R"] < 0 or not c["LORA_ALPHA"] > 0:
+        raise ConfigError(f"LORA_R = {c['LORA_R']} must be >= 0 (0 = off) and LORA_ALPHA = {c['LORA_ALPHA']} > 0")
+    if c["LR_SCHEDULE"] not in ("constant", "linear", "cosine") or c["WARMUP_STEPS"] < 0:
+        raise ConfigError(f"LR_SCHEDULE = {c['LR_SCHEDULE']!r} must be constant, linear or cosine, and WARMUP_STEPS "
+                          f"= {c['WARMUP_STEPS']} >= 0")
+    if c["DTYPE"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"DTYPE = {c['DTYPE']!r} must be auto, float32, bfloat16 or float16")
+
+
+# ---- run setup and resume -------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Where and how the run computes, decided before any model loads (setup())."""
+    rank: int
+    world: int     # processes
+    device: torch.device
+    dtype: torch.dtype
+    fsdp: bool     # under torchrun with DISTRIBUTED = "fsdp": actor and critic are sharded over the processes
+    master: bool   # rank 0: only it prints, shows the bar and writes files
+    log: object    # print on rank 0, nothing on the others
+
+
+def setup(c):
+    """Check the config, start the processes (torchrun) and seed them, check that OUTPUT_DIR is writable. Nothing is
+    written yet: a bad input leaves earlier outputs intact."""
+    check_config(c)
+    rank, world, device = setup_distributed(c)
+    check_writable(c["OUTPUT_DIR"], os.path.join(c["OUTPUT_DIR"], "ppo_metrics"), rank)
+    random.seed(c["SEED"]), np.random.seed(c["SEED"]), torch.manual_seed(c["SEED"])
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return Setup(rank, world, device, pick_dtype(c["DTYPE"], device), dist_on() and c["DISTRIBUTED"] == "fsdp",
+                 rank == 0, print if rank == 0 else (lambda *a, **k: None))
+
+
+@dataclasses.dataclass
+class RunState:
+    """What a run changes as it goes: all a checkpoint needs besides models, optimizer and RNG states."""
+    config: dict
+    kl_coef: float
+    step: int = 0
+    order: list = dataclasses.field(default_factory=list)  # this pass's prompt order ...
+    cursor: int = 0                                        # ... and the position in it
+    rows: list = dataclasses.field(default_factory=list)   # the CSV rows so far
+    eval_points: list = dataclasses.field(default_factory=list)
+    eval_before: dict = None
+    detail_before: dict = None
+    score_moments: dict = None
+    bad_streak: int = 0                                    # steps in a row with non-finite numbers
+    timing: dict = dataclasses.field(default_factory=lambda: {"generate": 0.0, "score": 0.0, "train": 0.0,
+                                                              "eval": 0.0})
+    wall_s: float = 0.0                                    # earlier sessions of this run + this one
+
+
+class Run:
+    """A run's bookkeeping around the loop in ppo.train(), complete when made: the run's state, resumed from the
+    newest checkpoint of the same config or fresh; then writing (`with run:` opens the CSV and installs the Ctrl-C /
+    SIGTERM handler, and leaving it closes and restores both on every way out), each step's record, checkpoints,
+    and the end of the run. `trainer` holds what trains (its optimizer and scheduler are checkpointed)."""
+
+    def __init__(self, c, defaults, env, sizes, roles, trainer, kl_ctl, score_moments, prompts, eval_prompts):
+        self.c, self.defaults, self.env, self.sizes, self.log = c, defaults, env, sizes, env.log
+        self.roles, self.trainer, self.kl_ctl, self.score_moments = roles, trainer, kl_ctl, score_moments
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.metrics_dir, self.model_dir, self.ckpt_dir = (os.path.join(c["OUTPUT_DIR"], d) for d in
+                                                           ("ppo_metrics", "ppo_model", "checkpoints"))
+        self.about = describe(c, env, sizes, roles, trainer.params, prompts, eval_prompts, self.metrics_dir,
+                              self.model_dir, self.ckpt_dir)
+        self.dashboards = Dashboards(c["REPORT_TO"])  # checks the packages now; opened when writing starts
+        self.state = RunState(config={k: c[k] for k in defaults}, kl_coef=kl_ctl.value)
+        self.t_session = time.perf_counter()
+        self.prompt_rng = torch.Generator().manual_seed(c["SEED"])  # the same prompt order on every rank
+        self.resume_path, self.move_aside = choose_checkpoint(c, defaults, self.ckpt_dir, self.log)
+        if self.resume_path:
+            self.state = resume(self.resume_path, roles, trainer, kl_ctl, score_moments, env, self.prompt_rng, c,
+                                self.state.config)
+        else:
+            torch.manual_seed(c["SEED"] + env.rank)  # each rank samples its own replies
+
+    def add_eval(self, res, detail):
+        """Keep a held-out evaluation: before training (a fresh run), during it, or after it; returns its CSV
+        columns."""
+        self.state.timing["eval"] += detail["seconds"]
+        self.state.eval_points.append(res)
+        if self.state.step == 0 and not self.resume_path:
+            self.state.eval_before, self.state.detail_before = res, detail
+            self.log("eval before:", json.dumps({k: round(v, 3) for k, v in res.items()}))
+        elif self.finished():
+            self.log("eval after: ", json.dumps({k: round(v, 3) for k, v in res.items()}))
+            if self.env.master:
+                self.dashboards.log(eval_columns(res), self.c["TOTAL_STEPS"])
+        return eval_columns(res)
+
+    # -- writing: from here on the run writes into OUTPUT_DIR --
+    def __enter__(self):
+        self.csv = open_csv(self.c, self.state, self.about, self.dashboards, self.resume_path, self.move_aside,
+                            self.ckpt_dir, self.env.master, self.log)
+        self.stop = StopFlag(self.log)
+        self.last_saved = self.state.step if self.resume_path else -1
+        self.bar = tqdm(range(self.state.step + 1, self.c["TOTAL_STEPS"] + 1), desc="PPO", dynamic_ncols=True,
+                        disable=not self.env.master, initial=self.state.step, total=self.c["TOTAL_STEPS"])
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        self.stop.restore()
+        if self.csv:
+            self.csv.close()
+
+    def steps(self):
+        """The steps still to run, each with this rank's share of its rollout batch: a fresh shuffle of the prompts
+        each pass (the same on all ranks). With SAMPLES_PER_PROMPT = n each prompt comes n times in a row, and a
+        prompt's n replies are on one rank."""
+        for step in self.bar:
+            self.t_step = time.perf_counter()
+            yield step, next_prompts(self.state, self.prompts, self.sizes, self.env.rank, self.prompt_rng)
+
+    def record(self, step, row, batch, prompts):
+        """Complete the step's row (METRICS order), write the CSV row and samples, update the bar; stop with
+        TrainingDiverged after MAX_BAD_STEPS steps in a row with non-finite numbers."""
+        c, state = self.c, self.state
+        row.update({"step": step, "episodes": step * self.sizes.rollout})
+        if dist_on():  # every rank must hold the same β and (DDP) the same weights; FSDP shards differ by design
+            seen = all_gather_list([(self.kl_ctl.value, None if self.env.fsdp else
+                                     params_checksum(self.roles.trained().values()))])
+            row["dist/ranks_in_sync"] = float(all(x == seen[0] for x in seen))
+        for k in ("generate", "score", "train"):
+            state.timing[k] += row[f"time/{k}_s"]
+        row["time/step_s"] = time.perf_counter() - self.t_step  # the whole step: phases, metrics, gold, evaluation
+        row = metrics_row(row, self.about["columns"])
+        state.rows.append(row)
+        state.step = step
+        bad = row["train/bad_scores"] > 0 or row["train/skipped_frac"] > 0
+        state.bad_streak = state.bad_streak + 1 if bad else 0
+        if self.env.master:
+            self.csv.write([row])
+            self.dashboards.log(row, step)
+            if c["SAMPLE_EVERY"] and (step == 1 or step % c["SAMPLE_EVERY"] == 0):
+                write_samples(self.about["files"]["samples"], step, prompts, batch, self.dashboards)
+            self.bar.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{row['objective/kl']:.2f}",
+                                 beta=f"{row['objective/kl_coef']:.3f}",
+                                 **({"gold": f"{row['objective/gold_scores']:.2f}"} if c["GOLD_REWARD"] else {}))
+        if state.bad_streak >= c["MAX_BAD_STEPS"]:
+            kept = list_checkpoints(self.ckpt_dir)
+            raise TrainingDiverged(
+                f"{state.bad_streak} PPO steps in a row had a non-finite score, loss or gradient (step {step}); "
+                f"the last good checkpoint is {kept[-1] if kept else 'none'}: lower LEARNING_RATE or check the "
+                f"reward model, then resume")
+
+    def checkpoint_or_stop(self, step):
+        """Checkpoint every SAVE_EVERY steps, at the end, and when asked to stop (never right after a bad step);
+        returns True when Ctrl-C / SIGTERM asked to stop (on any rank)."""
+        c = self.c
+        interrupted = self.stop.any_rank()
+        due = interrupted or step == c["TOTAL_STEPS"] or (c["SAVE_EVERY"] and step % c["SAVE_EVERY"] == 0)
+        if due and self.state.bad_streak == 0:
+            self.tick()
+            self.state.kl_coef = self.kl_ctl.value
+            self.state.score_moments = dict(self.score_moments.__dict__) if self.score_moments is not None else None
+            save_checkpoint(self.ckpt_dir, c["KEEP_CHECKPOINTS"], self.state, self.roles, self.trainer,
+                            self.prompt_rng, self.env)
+            self.last_saved = step
+            if self.env.master and not interrupted and step < c["TOTAL_STEPS"]:
+                write_reports(self.summary("running"), self.state, self.metrics_dir, c)
+        return interrupted
+
+    def finished(self):
+        """Whether the loop ran to TOTAL_STEPS (not stopped by Ctrl-C / SIGTERM)."""
+        return not self.stop.signum and self.state.step >= self.c["TOTAL_STEPS"]
+
+    def tick(self):
+        now = time.perf_counter()
+        self.state.wall_s += now - self.t_session
+        self.t_session = now
+
+    def summary(self, status, eval_after=None, detail_after=None):
+        return build_summary(status, self.state, self.c, self.defaults, self.about, self.roles.notes, eval_after,
+                             detail_after)
+
+    def finish(self, eval_after=None):
+        """After the loop: an interrupted run writes its summary and the command that resumes it; a finished one
+        (evaluated after training, models saved) writes summary.json and the curves. eval_after: (res, detail)."""
+        c, state = self.c, self.state
+        if not self.finished():
+            saved = "saved" if self.last_saved == state.step else "not saved"
+            self.log(f"interrupted after step {state.step}; checkpoint {saved}; continue with: "
+                     f"{resume_command(c, self.defaults)}")
+            if self.env.master:
+                self.tick()
+                summary = self.summary("interrupted")
+                summary["interrupted_by"] = signal.Signals(self.stop.signum).name if self.stop.signum else None
+                write_reports(summary, state, self.metrics_dir, c)
+            return {"status": "interrupted", "signum": self.stop.signum}
+        if dist_on():
+            torch.distributed.barrier()
+        if not self.env.master:
+            return None
+        self.tick()
+        summary = self.summary("finished", *(eval_after or (None, None)))
+        write_reports(summary, state, self.metrics_dir, c)
+        self.log("health:\n  " + "\n  ".join(summary["health"]))
+        self.log(f"done in {summary['wall_time_s']:.0f}s; read {self.metrics_dir}/summary.json, then "
+                 f"training_curves.png, then training_metrics.csv")
+        return summary
+
+
+def resume(path, roles, trainer, kl_ctl, score_moments, env, prompt_rng, c, config):
+    """Load the checkpoint at `path` into the trained models, optimizer, LR schedule, KL controller, score moments
+    and RNGs (this rank's); returns its RunState (with this run's config)."""
+    saved = read_checkpoint(path, "state.pt")
+    load_trained_state(roles, trainer.optimizer, saved["models"], saved["optimizer"], env.fsdp)
+    if "scheduler" in saved:  # checkpoints before LR_SCHEDULE had a constant rate: the new default
+        trainer.scheduler.load_state_dict(saved["scheduler"])
+    state = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState) if f.name != "config"},
+                     config=config)
+    kl_ctl.value = state.kl_coef
+    if score_moments is not None and state.score_moments:
+        score_moments.__dict__.update(state.score_moments)
+    set_rng_state(saved["rng"][env.rank], prompt_rng)
+    env.log(f"resuming from {path}: step {state.step}, β {kl_ctl.value:.4f}")
+    if state.step >= c["TOTAL_STEPS"]:
+        env.log(f"the run in {c['OUTPUT_DIR']} already has {state.step} steps (TOTAL_STEPS = {c['TOTAL_STEPS']}); "
+                f"extend it with --total_steps=N, or start over with --resume=never")
+    return state
+
+
+def next_prompts(state, prompts, sizes, rank, prompt_rng):
+    """This rank's share of the next rollout batch, from the shuffled order in `state` (reshuffled when a pass
+    ends; the same order on every rank); a prompt's SAMPLES_PER_PROMPT replies are consecutive and on one rank."""
+    n = sizes.samples
+    per_step, per_rank = sizes.rollout // n, sizes.per_rank // n  # prompts
+    if state.cursor + per_step > len(state.order):
+        state.order, state.cursor = torch.randperm(len(prompts), generator=prompt_rng).tolist(), 0
+    start = state.cursor + rank * per_rank
+    state.cursor += per_step
+    return [prompts[i] for i in state.order[start:start + per_rank] for _ in range(n)]
+
+
+def describe(c, env, sizes, roles, params, prompts, eval_prompts, metrics_dir, model_dir, ckpt_dir):
+    """Print the resolved config, derived sizes, notes and models; return them for config.json and the summary
+    ({"derived", "models", "data", "files", "columns"}: the CSV columns of this run)."""
+    tok, log = roles.tok, env.log
+    ref_path = c["REF_MODEL"] or c["ACTOR_MODEL"]
+    derived = {"ROLLOUT_BATCH": sizes.rollout, "PER_RANK_BATCH": sizes.per_rank,
+               "PROMPTS_PER_STEP": sizes.rollout // sizes.samples, "world_size": sizes.world,
+               "device": str(env.device), "dtype": str(env.dtype).replace("torch.", ""), "REF_MODEL": ref_path,
+               "CRITIC_MODEL": roles.critic_path, "threads": torch.get_num_threads()}
+    log("config:", " ".join(f"{k}={v!r}" for k, v in c.items()))
+    log("derived:", " ".join(f"{k}={v}" for k, v in derived.items()))
+    log("batch:", sizes.describe())
+    for n in roles.notes:
+        log("note:", n)
+    log("stop tokens (a reply ends at any):",
+        ", ".join(f"{tok.convert_ids_to_tokens(i)!r} ({i})" for i in roles.stop_ids))
+    trained = sum(p.numel() for p in params)
+    reward = ("a function" if roles.rm is None else "model, same tokenizer" if roles.rm.same_tokenizer else
+              "model, own tokenizer (re-tokenising replies)" + (", own pooling" if roles.rm.model.own_pooling else ""))
+    reward += " + REWARD_FN" if c["REWARD_FN"] else ""
+    lora = f" (LoRA rank {c['LORA_R']}: adapters and value head)" if roles.adapters else ""
+    shared = [f"{name} = {of} with its adapters off" for name, role, of in
+              (("reference", roles.ref, "actor"), ("reward", roles.rm and roles.rm.model, "critic"))
+              if isinstance(role, AdaptersOff)]
+    critic_params = roles.critic.model.num_parameters() if roles.critic is not None else 0
+    critic = f"critic {critic_params:,}" if roles.critic is not None else f"no critic ({c['ADVANTAGE']})"
+    log(f"models: actor {roles.actor.num_parameters():,} params, {critic}; trained {trained:,}{lora}, reward "
+        f"{reward}; prompts: {len(prompts)} train, {len(eval_prompts)} eval")
+    for line in shared:
+        log(f"note: the {line} (LoRA: one model in memory for both roles)")
+    models = {"actor": c["ACTOR_MODEL"], "reference": ref_path, "reward": c["REWARD_MODEL"],
+              "critic": roles.critic_path, "actor_params": roles.actor.num_parameters(),
+              "critic_params": critic_params, "trained_params": trained,
+              "roles_loaded": ["actor", "reference", "reward"] + (["critic"] if roles.critic is not None else []),
+              "advantage": c["ADVANTAGE"],
+              "lora": {"r": c["LORA_R"], "alpha": c["LORA_ALPHA"], "target_modules": c["LORA_TARGET_MODULES"],
+                       "shared": shared} if roles.adapters else None,
+              "reward_fn": c["REWARD_FN"] or None, "reward_is_function": roles.rm is None,
+              "reward_same_tokenizer": bool(roles.rm and roles.rm.same_tokenizer),
+              "reward_own_pooling": bool(roles.rm and roles.rm.model.own_pooling),
+              "stop_tokens": {tok.convert_ids_to_tokens(i): i for i in roles.stop_ids}}
+    data = {"prompt_file": c["PROMPT_FILE"], "train_prompts": len(prompts), "eval_file": c["EVAL_FILE"],
+            "eval_prompts": len(eval_prompts)}
+    files = {"curves": os.path.join(metrics_dir, "training_curves.png"),
+             "metrics_csv": os.path.join(metrics_dir, "training_metrics.csv"),
+             "config": os.path.join(metrics_dir, "config.json"), "samples": os.path.join(metrics_dir, "samples.jsonl"),
+             "checkpoints": ckpt_dir, "model": model_dir if c["SAVE_MODEL"] else None}
+    columns = run_columns(roles.critic is not None, c["KL_IN"] == "loss", dist_on())
+    return {"derived": derived, "models": models, "data": data, "files": files, "columns": columns}
+
+
+class MetricsCsv:
+    """training_metrics.csv, written under a .tmp name with the rows so far (a resumed run's, from its checkpoint),
+    renamed into place, then appended row by row: a crash loses at most the step in flight."""
+
+    def __init__(self, path, rows):
+        self.file = open(path + ".tmp", "w", newline="", encoding="utf-8")
+        self.writer = None
+        if rows:
+            self.write(rows)
+        os.replace(path + ".tmp", path)
+
+    def write(self, rows):
+        if self.writer is None:
+            self.writer = csv.DictWriter(self.file, fieldnames=list(rows[0]))
+            self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def open_csv(c, state, about, dashboards, resume_path, move_aside, ckpt_dir, master, log):
+    """The first writes of a run, on rank 0: the dashboards first (a login or network failure is one line before any
+    earlier output is touched), earlier checkpoints of another config moved aside (never deleted), config.json,
+    the CSV. Returns the MetricsCsv (None on the other ranks)."""
+    if not master:
+        return None
+    dashboards.open(c["OUTPUT_DIR"], {"config": state.config, "derived": about["derived"]})
+    if not resume_path and state.eval_before:
+        dashboards.log(eval_columns(state.eval_before), 0)
+    if move_aside:
+        aside = f"{ckpt_dir}_before_{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(ckpt_dir, aside)
+        log(f"note: the earlier checkpoints are kept in {aside}")
+    files = about["files"]
+    atomic_write(files["config"], lambda f: json.dump({"config": state.config, "derived": about["derived"]}, f,
+                                                      indent=1))
+    if not resume_path and os.path.exists(files["samples"]):
+        os.remove(files["samples"])
+    return MetricsCsv(files["metrics_csv"], state.rows)
+
+
+def write_samples(path, step, prompts, batch, dashboards):
+    """A few of the step's replies with their scores, appended to samples.jsonl (and the dashboards)."""
+    samples = [{"step": step, "prompt": p.conv, "reply": r, "score": round(sc, 4)}
+               for p, r, sc in list(zip(prompts, batch["replies"], batch["scores"].tolist()))[:4]]
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(x) + "\n" for x in samples)
+    dashboards.samples(samples, step)
+
+
+# ---- checkpoints and interrupts: everything needed to continue a run exactly ----------------------------------------
+def rng_state(prompt_rng):
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "prompt_order": prompt_rng.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, prompt_rng):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    prompt_rng.set_state(state["prompt_order"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trained_state(roles, optimizer, fsdp):
+    """(model state, optimizer state) of what trains: actor + critic, under LoRA their adapters and value head only
+    (the frozen base is the model on disk). Under FSDP gathered in full to the CPU (a collective)."""
+    pair = torch.nn.ModuleDict(roles.trained())
+    if not fsdp:
+        model_state, optim_state = pair.state_dict(), optimizer.state_dict()
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        model_state, optim_state = get_state_dict(pair, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if roles.adapters:
+        trained = {name for name, p in pair.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trained}
+    return model_state, optim_state
+
+
+def load_trained_state(roles, optimizer, model_state, optim_state, fsdp):
+    pair = torch.nn.ModuleDict(roles.trained())
+    if not fsdp:
+        pair.load_state_dict(model_state, strict=not roles.adapters)  # LoRA: the frozen base is not in the file
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(pair, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True, strict=not roles.adapters))
+
+
+def list_checkpoints(ckpt_dir):
+    """Finished checkpoints, oldest first (a half-written one still has its .tmp name and is ignored)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d{8}", n))
+    return [os.path.join(ckpt_dir, n) for n in names if os.path.isfile(os.path.join(ckpt_dir, n, "meta.json"))]
+
+
+def save_checkpoint(ckpt_dir, keep, state, roles, trainer, prompt_rng, env):
+    """Write OUTPUT_DIR/checkpoints/step_XXXXXXXX/state.pt (models, optimizer, LR schedule, every rank's RNG, the
+    RunState) atomically (a .tmp folder, then rename); keep the newest `keep`. Every rank takes part (its RNG state;
+    FSDP gathers the shards); rank 0 writes."""
+    model_state, optim_state = trained_state(roles, trainer.optimizer, env.fsdp)
+    rngs = all_gather_list([rng_state(prompt_rng)])
+    step = state.step
+    if env.master:
+        final = os.path.join(ckpt_dir, f"step_{step:08d}")
+        tmp = final + ".tmp"
+        os.makedirs(tmp, exist_ok=True)
+        torch.save({"models": model_state, "optimizer": optim_state, "scheduler": trainer.scheduler.state_dict(),
+                    "rng": rngs, **vars(state)},
+                   os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:  # read without loading the weights
+            json.dump({"step": step, "config": state.config}, f, indent=1)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old)
+    if dist_on():
+        torch.distributed.barrier()
+    return os.path.join(ckpt_dir, f"step_{step:08d}")
+
+
+def read_checkpoint(path, name):
+    """meta.json (step and config, read without the weights) or state.pt of a checkpoint; a damaged one is one line."""
+    file = os.path.join(path, name)
+    try:
+        if name == "state.pt":
+            return torch.load(file, map_location="cpu", weights_only=False)
+        with open(file, encoding="utf-8") as f:
+            return dict(json.load(f))
+    except Exception as e:  # a file on disk that a crash or a copy damaged
+        raise ConfigError(f"checkpoint {path}: {name} cannot be read ({first_line(e)}); move that folder away to "
+                          f"resume from an earlier checkpoint, or --resume=never") from None
+
+
+def config_differences(saved, c, defaults):
+    """Settings that differ between a checkpoint's config and this run's, ignoring those a resume may change. A
+    setting newer than the checkpoint counts only when set away from its default: every new setting's default keeps
+    what the earlier release computed, so a run started before an upgrade resumes after it."""
+    return [f"{k} {saved.get(k)!r} -> {c[k]!r}" for k in defaults
+            if k not in RESUMABLE_CHANGES and saved.get(k) != c[k] and (k in saved or c[k] != defaults[k])]
+
+
+def choose_checkpoint(c, defaults, ckpt_dir, log):
+    """RESUME: "never"; "auto" = the newest checkpoint of this output folder when its config matches (otherwise
+    start fresh, with the old checkpoints moved aside, never deleted); or a path that must match.
+    Returns (checkpoint path or None, whether old checkpoints must be moved aside)."""
+    if c["RESUME"] == "never":
+        return None, bool(list_checkpoints(ckpt_dir))
+    if c["RESUME"] != "auto":
+        path = c["RESUME"]
+        path = path if os.path.isfile(os.path.join(path, "state.pt")) else (list_checkpoints(path) or [path])[-1]
+        if not os.path.isfile(os.path.join(path, "state.pt")):
+            raise ConfigError(f"RESUME {c['RESUME']!r} holds no checkpoint (a step_XXXXXXXX folder with state.pt); "
+                              f"give one, or --resume=auto / --resume=never")
+        diff = config_differences(read_checkpoint(path, "meta.json").get("config", {}), c, defaults)
+        if diff:
+            raise ConfigError(f"checkpoint {path} comes from a different config ({'; '.join(diff[:3])}); resume with "
+                              f"its settings, or start over with --resume=never")
+        return path, False
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        return None, False
+    diff = config_differences(read_checkpoint(found[-1], "meta.json").get("config", {}), c, defaults)
+    if not diff:
+        return found[-1], False
+    log(f"note: not resuming {found[-1]}: the config changed ({'; '.join(diff[:3])}); starting fresh")
+    return None, True
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM: the first asks to stop after the step in flight (checkpoint and reports are written);
+    a second stops at once."""
+
+    def __init__(self, log):
+        self.signum, self.log = 0, log
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)")
+
+    def any_rank(self):
+        return bool(all_reduce_sum(torch.tensor([self.signum], device=DIST_DEVICE)).item()) if dist_on() \
+            else bool(self.signum)
+
+    def restore(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+def resume_command(c, defaults):
+    """The command that continues this run: RESUME=auto finds the checkpoint, the overrides are those of this run."""
+    args = [f"--{k.lower()}={c[k]}" for k in defaults if c[k] != defaults[k]]
+    launcher = "torchrun --nproc_per_node N" if dist_on() else "python"
+    return " ".join([launcher, "code/ppo.py"] + args)
+
+
+def save_models(roles, model_dir, env):
+    """save_pretrained of actor and critic, each beside the actor's tokenizer, as models a user loads and runs as they
+    are: the tokenizer as loaded (its pad a real token), the actor's generation_config ending replies at the run's
+    stop tokens, no id of the trainer's own. Under FSDP the full weights are gathered to rank 0 first.
+    Under LoRA the adapters are saved in peft's format (actor_adapter, critic_adapter: PeftModel.from_pretrained on
+    the base model) and actor and critic as plain models: the base loaded again on the CPU with the saved adapters
+    merged in (W + B·A·alpha/r, in the base's dtype), so the saved model is the saved adapter by construction."""
+    actor, tok, stop_ids = roles.actor, roles.tok, roles.stop_ids
+    actor.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
+    actor.generation_config.pad_token_id = tok.pad_token_id
+    for name, m in [("actor", actor)] + ([("critic", roles.critic.model)] if roles.critic is not None else []):
+        adapter = roles.adapters.get(name)
+        state = None
+        if env.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            state = get_model_state_dict(adapter.peft if adapter else m,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not env.master:
+            continue
+        if adapter:
+            from peft import PeftModel
+            folder = os.path.join(model_dir, f"{name}_adapter")
+            adapter.peft.save_pretrained(folder, state_dict=state)
+            m, state = PeftModel.from_pretrained(adapter.load_base(), folder).merge_and_unload(), None
+            m.generation_config, m.config.pad_token_id = actor.generation_config, tok.pad_token_id
+        m.save_pretrained(os.path.join(model_dir, name), state_dict=state)
+        tok.save_pretrained(os.path.join(model_dir, name))
+
+
+# ---- reporting: the metrics table, CSV rows, curves, summary with health verdicts -----------------------------------
+# Every metric a run logs, named once: how it is reduced, the curve panel that plots it (title, label) or None, and
+# whether summary.json summarises it ("max" / "min": which end is best). The CSV columns (in this order), the curves,
+# the summary and the health verdicts all read this table. Reductions: "once" = the same number on every rank;
+# "batch" = mean over the rollout batch of all ranks; "micro" = mean over the micro-batches of the step and the ranks;
+# "optim" = mean over the optimizer steps and ranks; "time" = seconds (or tokens/s), mean over ranks; "eval" = the
+# held-out evaluation at EVAL_EVERY steps, NaN in between; "dist" = only under torchrun. Metrics a run does not
+# compute are not among its columns (LOGGED_WHEN), not columns of NaN.
+REWARD, KL_PANEL, CLIP = "reward", "KL to reference (nats/reply)", "clipfrac and approx KL"
+METRICS = {
+    "step": ("once", None, None),
+    "episodes": ("once", None, None),
+    "objective/scores": ("batch", (REWARD, "RM score"), "max"),
+    "objective/rlhf_reward": ("batch", (REWARD, "RLHF reward"), None),
+    "objective/non_score_reward": ("batch", None, None),
+    "objective/kl": ("batch", (KL_PANEL, "KL"), "max"),
+    "objective/entropy": ("batch", None, "max"),
+    "objective/kl_coef": ("once", ("β (KL coefficient)", "β"), "max"),
+    "objective/gold_scores": ("batch", (REWARD, "gold score"), "max"),
+    "policy/approxkl_avg": ("micro", (CLIP, "approx KL"), "max"),
+    "policy/clipfrac_avg": ("micro", (CLIP, "policy clipfrac"), "max"),
+    "policy/entropy_avg": ("micro", ("entropy (nats/token)", "entropy"), "max"),
+    "loss/policy_avg": ("micro", ("policy loss", "policy"), "max"),
+    "loss/value_avg": ("micro", ("value loss", "value"), "min"),
+    "val/clipfrac_avg": ("micro", (CLIP, "value clipfrac"), None),
+    "val/ratio": ("micro", None, None),
+    "loss/kl_avg": ("micro", ("policy loss", "k3 KL term (KL_IN = loss)"), None),
+    "policy/grad_norm": ("optim", None, None),
+    "train/skipped_frac": ("optim", None, None),
+    "val/explained_var": ("batch", None, "max"),
+    "val/mean_value": ("batch", None, None),
+    "resp/length_mean": ("batch", ("reply length (tokens)", "length"), "max"),
+    "resp/eos_frac": ("batch", None, "max"),
+    "resp/repetition": ("batch", None, "max"),
+    "lr": ("once", None, None),
+    "time/generate_s": ("time", None, None),
+    "time/score_s": ("time", None, None),
+    "time/train_s": ("time", None, None),
+    "time/tokens_per_s": ("time", None, None),
+    "eval/rm_score": ("eval", None, None),
+    "eval/gold_score": ("eval", None, None),
+    "eval/kl": ("eval", None, None),
+    "train/bad_scores": ("once", None, None),
+    "dist/ranks_in_sync": ("dist", None, None),
+    "time/step_s": ("time", None, None),
+}
+LOGGED_WHEN = {"loss/value_avg": "critic", "val/clipfrac_avg": "critic", "val/explained_var": "critic",
+               "val/mean_value": "critic", "loss/kl_avg": "kl_in_loss", "dist/ranks_in_sync": "torchrun"}
+PANELS = [REWARD, KL_PANEL, "β (KL coefficient)", "policy loss", "value loss", CLIP, "entropy (nats/token)",
+          "reply length (tokens)"]  # the figure's order; a last panel shows the held-out evaluation
+
+
+def eval_columns(ev):
+    """A held-out evaluation as the CSV's eval/ columns."""
+    return {"eval/rm_score": ev["rm_score"], "eval/gold_score": ev.get("gold_score", float("nan")), "eval/kl": ev["kl"]}
+
+
+class Dashboards:
+    """REPORT_TO: TensorBoard (OUTPUT_DIR/tensorboard) and/or Weights & Biases (project $WANDB_PROJECT, default
+    ppo-rlhf, files under OUTPUT_DIR/wandb; WANDB_MODE=offline needs no network), rank 0 only, beside the CSV that is
+    always written: the config at start, every CSV column each step under the CSV's (TRL's) names, the evaluations
+    (eval/ columns, also at steps 0 and TOTAL_STEPS), and the samples as a table. A resumed run continues the
+    TensorBoard folder and starts a new W&B run."""
+    INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+
+    def __init__(self, report_to):
+        self.names = [n.strip().lower() for n in report_to.split(",") if n.strip().lower() not in ("", "none")]
+        for n in self.names:
+            if n not in self.INSTALL:
+                raise ConfigError(f"REPORT_TO = {report_to!r}: {n!r} is not one of none, tensorboard, wandb "
+                                  f"(comma-separated for both)")
+            if importlib.util.find_spec(n) is None:
+                raise ConfigError(f"REPORT_TO={n} needs the {n} package: {self.INSTALL[n]} (or --report_to=none)")
+        self.tb = self.wb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def open(self, output_dir, config):
+        if "tensorboard" in self.names:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self.tb.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "))
+        if "wandb" in self.names:
+            import wandb
+            try:
+                self.wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ppo-rlhf"), dir=output_dir,
+                                     config=config)
+            except Exception as e:  # no login, no network: the user's setup, reported in one line
+                self.close()
+                raise ConfigError(f"REPORT_TO=wandb: wandb.init failed ({first_line(e)}); run `wandb login`, or set "
+                                  f"WANDB_MODE=offline to log to files (wandb sync later)") from None
+
+    def log(self, row, step):
+        if not (self.tb or self.wb):
+            return
+        values = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wb:
+            self.wb.log(values, step=step)
+
+    def samples(self, samples, step):
+        cells = [[json.dumps(x["prompt"], ensure_ascii=False), x["reply"], x["score"]] for x in samples]
+        if self.tb:
+            self.tb.add_text("samples", "| prompt | reply | score |\n|---|---|---|\n" + "\n".join(
+                "| " + " | ".join(str(v).replace("|", "/").replace("\n", " ") for v in row) + " |" for row in cells),
+                step)
+        if self.wb:
+            import wandb
+            self.wb.log({"samples": wandb.Table(columns=["prompt", "reply", "score"], data=cells)}, step=step)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wb:
+            self.wb.finish()
+        self.tb = self.wb = None
+
+
+def run_columns(critic, kl_in_loss, torchrun):
+    """The CSV columns of a run, in METRICS order: value metrics with a critic, the KL loss term with KL_IN = loss,
+    dist/ columns under torchrun, everything else always."""
+    have = {"critic": critic, "kl_in_loss": kl_in_loss, "torchrun": torchrun}
+    return [name for name in METRICS if have.get(LOGGED_WHEN.get(name), True)]
+
+
+def metrics_row(values, columns):
+    """The CSV row of one step: each of the run's columns, NaN where not measured this step (an evaluation between
+    EVAL_EVERY steps, a step whose update was skipped). A value outside the run's columns is a bug."""
+    undeclared = set(values) - set(columns)
+    assert not undeclared, f"metrics missing from METRICS (or from this run's columns): {sorted(undeclared)}"
+    return {name: values.get(name, float("nan")) for name in columns}
+
+
+def atomic_write(path, write):
+    """write(f) into path.tmp, then rename: a reader never sees half a file, a crash never corrupts the old one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def smooth(series):
+    """Centred rolling mean over ~1/20 of the run (no lag, unlike an EMA); NaN gaps are skipped."""
+    return series.rolling(max(1, len(series) // 20), center=True, min_periods=1).mean()
+
+
+def plot_curves(df, path, target, eval_points):
+    """One figure, read at a glance: smoothed lines over faint raw points, one panel per PANELS entry (the metrics
+    METRICS assigns to it), and the held-out evaluation."""
+    fig, axes = plt.subplots(3, 3, figsize=(15, 11))
+    x = df["step"]
+    for ax, title in zip(axes.flat, PANELS):
+        series = [(name, panel[1]) for name, (_, panel, _) in METRICS.items() if panel and panel[0] == title]
+        for i, (col, label) in enumerate(series):
+            if col not in df or df[col].isna().all():
+                continue
+            color = f"C{i}"
+            ax.plot(x, df[col], ".", color=color, alpha=0.25, markersize=3)
+            ax.plot(x, smooth(df[col]), "-", color=color, label=label, linewidth=1.8)
+        if title == KL_PANEL:
+            ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:g}")
+        ax.set_title(title)
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+    ax = axes.flat[-1]
+    ax.set_title("held-out evaluation")
+    ax.set_xlabel("PPO step")
+    ax.grid(alpha=0.3)
+    if eval_points:
+        steps = [p["step"] for p in eval_points]
+        for i, key in enumerate(("rm_score", "gold_score", "kl")):
+            if key in eval_points[0]:
+                ax.plot(steps, [p[key] for p in eval_points], "o-", color=f"C{i}", label=key.replace("_", " "))
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("PPO-RLHF training curves")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def health_verdicts(df, target, eval_before, eval_after, rm="RM"):
+    """Plain-language verdicts drawn from the run: what looks fine and what to check. rm names the reward's source
+    ("RM", or "reward-function" when REWARD_MODEL is a .py file)."""
+    if len(df) == 0:
+        return ["no PPO step finished"]
+    k = max(1, len(df) // 10)
+    first, last = df.iloc[:k], df.iloc[-k:]
+
+    def f(part, col):  # mean of a METRICS column over part of the run; NaN where it was never measured
+        assert col in METRICS, col
+        return float(part[col].mean()) if col in part and part[col].notna().any() else float("nan")
+    out = []
+    kl = f(last, "objective/kl")
+    if f(df, "objective/kl") < -0.5 or kl < -0.5:
+        out.append(f"WARNING: mean KL is negative ({kl:.2f}): sampling and scoring disagree; check that generation "
+                   f"uses plain temperature sampling (no top-k/top-p) and the same TEMPERATURE as the logprobs")
+    elif abs(kl - target) <= 0.5 * target:
+        out.append(f"OK: KL {kl:.2f} nats/reply is near the target {target:g} (β now "
+                   f"{f(last, 'objective/kl_coef'):.3f})")
+    elif kl > target:
+        out.append(f"CHECK: KL {kl:.2f} is above the target {target:g}: the policy drifts from the reference faster "
+                   f"than β can follow; lower LEARNING_RATE or KL_HORIZON")
+    else:
+        out.append(f"OK: KL {kl:.2f} is below the target {target:g}: the policy stays close to the reference "
+                   f"(β is falling to allow more)" if kl >= 0 else f"CHECK: KL {kl:.2f} is slightly negative")
+    s0, s1 = f(first, "objective/scores"), f(last, "objective/scores")
+    out.append(f"{'OK' if s1 > s0 else 'CHECK'}: {rm} score {'rose' if s1 > s0 else 'did not rise'} from {s0:.2f} "
+               f"to {s1:.2f}")
+    e0, e1 = f(first, "policy/entropy_avg"), f(last, "policy/entropy_avg")
+    if e1 < 0.3 * e0:
+        out.append(f"WARNING: entropy collapsed from {e0:.2f} to {e1:.2f} nats/token: the policy is nearly "
+                   f"deterministic; raise INIT_KL_COEF or lower LEARNING_RATE")
+    l0, l1 = f(first, "resp/length_mean"), f(last, "resp/length_mean")
+    if l1 < 0.5 * l0 or l1 < 3:
+        out.append(f"WARNING: replies shrank from {l0:.1f} to {l1:.1f} tokens: possible reward hacking by short "
+                   f"replies")
+    r0, r1 = f(first, "resp/repetition"), f(last, "resp/repetition")
+    if r1 > r0 + 0.1:
+        out.append(f"WARNING: repetition rose from {r0:.2f} to {r1:.2f} (复读机): the reward model pays for repeats; "
+                   f"keep the KL leash (ADAPTIVE_KL, INIT_KL_COEF) or fix the reward model")
+    cf = f(last, "policy/clipfrac_avg")
+    if cf > 0.3:
+        out.append(f"CHECK: clipfrac {cf:.2f} is high: updates hit the trust region often; lower LEARNING_RATE or "
+                   f"PPO_EPOCHS")
+    ev = f(last, "val/explained_var")
+    if ev < 0:
+        out.append(f"CHECK: value explained variance {ev:.2f} < 0: the critic predicts returns worse than their mean")
+    n_bad = int((df["train/bad_scores"] > 0).sum()) if "train/bad_scores" in df else 0
+    n_skip = int((df["train/skipped_frac"] > 0).sum()) if "train/skipped_frac" in df else 0
+    if n_bad or n_skip:
+        out.append(f"WARNING: non-finite numbers: {n_bad} steps had a NaN/Inf score (not trained on), {n_skip} steps "
+                   f"skipped updates for a NaN/Inf loss or gradient; check the reward model, lower LEARNING_RATE")
+    if "dist/ranks_in_sync" in df and (df["dist/ranks_in_sync"] < 1).any():
+        out.append("WARNING: the ranks' weights or β diverged at some step (dist/ranks_in_sync = 0); results are not "
+                   "those of one consistent model")
+    g0, g1 = f(first, "objective/gold_scores"), f(last, "objective/gold_scores")
+    if not math.isnan(g0):
+        # over-optimisation: the RM score climbs while the gold score falls or stands still, in training or held out
+        pairs = [("training", s0, s1, g0, g1)]
+        if eval_before and eval_after and "gold_score" in eval_before:
+            pairs.append(("held out", eval_before["rm_score"], eval_after["rm_score"], eval_before["gold_score"],
+                          eval_after["gold_score"]))
+        hacked = [f"{name}: {rm} {rm0:.2f} -> {rm1:.2f}, gold {gd0:.2f} -> {gd1:.2f}"
+                  for name, rm0, rm1, gd0, gd1 in pairs if rm1 > rm0 + 0.5 and gd1 < gd0 + 0.2]
+        if hacked:
+            out.append(f"WARNING: the {rm} score rose but the gold score did not ({'; '.join(hacked)}): "
+                       f"over-optimisation of the reward (reward hacking); keep the KL leash tighter "
+                       f"(ADAPTIVE_KL, a lower PPO_TARGET, a larger INIT_KL_COEF) or stop earlier")
+        else:
+            out.append(f"{'OK' if g1 >= g0 else 'CHECK'}: gold score {g0:.2f} -> {g1:.2f}")
+    if eval_before and eval_after:
+        out.append(f"held-out {rm} score {eval_before['rm_score']:.2f} -> {eval_after['rm_score']:.2f}"
+                   + (f", gold {eval_before['gold_score']:.2f} -> {eval_after['gold_score']:.2f}"
+                      if "gold_score" in eval_before else "")
+                   + f", KL {eval_after['kl']:.2f}")
+    return out
+
+
+def summarise(df, key, best):
+    """A metric over the run: mean of the first and last tenth, and its best value (max or min, from METRICS)."""
+    if key not in df or df[key].notna().sum() == 0:
+        return None
+    k = max(1, len(df) // 10)
+    col = df[key].dropna()
+    return {"start": float(col.iloc[:k].mean()), "end": float(col.iloc[-k:].mean()),
+            "best": float(col.max() if best == "max" else col.min())}
+
+
+def build_summary(status, state, c, defaults, about, notes, eval_after=None, detail_after=None):
+    """summary.json: the run at a glance, health verdicts first. about: describe()'s derived, models, data, files."""
+    df = pd.DataFrame(state.rows)
+    derived, models = about["derived"], about["models"]
+    eval_before, detail_before = state.eval_before, state.detail_before
+    samples = []
+    if detail_before and detail_after:
+        for i in range(min(8, len(detail_before["replies"]))):
+            samples.append({"prompt": detail_before["prompts"][i],
+                            "reply_before": detail_before["replies"][i], "reply_after": detail_after["replies"][i],
+                            "rm_before": round(detail_before["rm"][i], 3), "rm_after": round(detail_after["rm"][i], 3),
+                            "gold_before": detail_before["gold"][i], "gold_after": detail_after["gold"][i]})
+    return {
+        "status": status,
+        "health": health_verdicts(df, c["PPO_TARGET"], eval_before, eval_after,
+                                  "reward-function" if models.get("reward_is_function") else "RM"),
+        "eval_before": eval_before, "eval_after": eval_after, "eval_points": state.eval_points,
+        "metrics": {k: summarise(df, k, best) for k, (_, _, best) in METRICS.items() if best},
+        "steps": state.step, "episodes": state.step * derived["ROLLOUT_BATCH"],
+        "wall_time_s": round(state.wall_s, 2),
+        "time_split_s": {k: round(v, 2) for k, v in state.timing.items()},
+        "step_time_s_median": float(df["time/step_s"].median()) if len(df) else None,
+        "resume_command": resume_command(c, defaults) if status != "finished" else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+        "models": models, "data": about["data"], "samples": samples, "files": about["files"],
+        "config": {k: c[k] for k in defaults}, "derived": derived, "notes": notes,
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+    }
+
+
+def write_reports(summary, state, metrics_dir, c):
+    """summary.json and training_curves.png, each written atomically."""
+    if state.rows:
+        plot_curves(pd.DataFrame(state.rows), os.path.join(metrics_dir, "training_curves.png"), c["PPO_TARGET"],
+                    state.eval_points)
+    atomic_write(os.path.join(metrics_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
+
+
+# ---- command line: --name=value overrides, --help -------------------------------------------------------------------
+def config_comments(script, names):
+    """{NAME: comment} read from the config block of `script` (code/ppo.py), so --help is the config block itself."""
+    out = {}
+    with open(os.path.abspath(script), encoding="utf-8") as f:
+        for line in f:
+            m = re.match(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.*)$", line)
+            if m and m.group(1) in names:
+                out[m.group(1)] = m.group(2)
+    return out
+
+
+def parse_value(name, text, default):
+    """Parse `text` with the type of the constant's default value."""
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name.lower()}={text}: expected true or false")
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--{name.lower()}={text}: expected {type(default).__name__} like {default!r}") from None
+    return text
+
+
+def parse_overrides(argv, config):
+    """`--name=value` (case-insensitive names) -> {NAME: typed value}. Unknown names name their close matches."""
+    out = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"cannot read argument {arg!r}: overrides look like --total_steps=100 (see --help)")
+        name, text = arg[2:].split("=", 1)
+        key = name.upper().replace("-", "_")
+        if key not in config:
+            close = difflib.get_close_matches(key, list(config), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join('--' + c.lower() for c in close)}?" if close else "; see --help"
+            raise ConfigError(f"unknown setting --{name}{hint}")
+        out[key] = parse_value(key, text, config[key])
+    return out
+
+
+def print_help(config, doc, script):
+    print(doc.split("\n\n")[0] + "\n\nSettings (--name=value; the default follows each name):")
+    comments = config_comments(script, config)
+    for k in config:
+        print(f"  --{k.lower():<22} {config[k]!r:<28} {comments.get(k, '')}")
+
+
+def resolve_config(argv, defaults, doc, script):
+    """The run's config: the defaults (the constants of `script`), with argv's --name=value overrides; --help prints
+    the settings with their comments (doc: the script's docstring, whose first paragraph heads the list)."""
+    config = dict(defaults)
+    if any(a in ("-h", "--help") for a in argv):
+        try:
+            print_help(config, doc, script)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader stopped early (--help | head): end quietly, as command-line tools do;
+            # stdout goes to devnull so that the interpreter's last flush at exit does not fail again (Python docs)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    config.update(parse_overrides(argv, config))
+    return config
+
+
+def main(train, argv, defaults, doc, script):
+    """train(resolve_config(argv)) with the exit codes: 0 done, 2 bad input, 3 diverged (non-finite numbers),
+    130 / 143 stopped by Ctrl-C / SIGTERM."""
+    say = (lambda msg: print(msg, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda msg: None)
+    try:
+        result = train(resolve_config(argv, defaults, doc, script))
+        return 128 + result["signum"] if result and result.get("status") == "interrupted" and result["signum"] else 0
+    except ConfigError as e:
+        say(f"error: {e}")
+        return 2
+    except TrainingDiverged as e:
+        say(f"error: {e}")
+        return 3
+    except KeyboardInterrupt:
+        say("\nstopped at once; the newest checkpoint in OUTPUT_DIR/checkpoints resumes the run (RESUME=auto)")
+        return 130
+    finally:
+        if dist_on():
+            torch.distributed.destroy_process_group()
+
+
+def leave(code):
+    """End the process with exit code `code`. A torchrun worker ends without the interpreter's finalization: when
+    Python finalizes, any other thread that asks for the GIL is ended by CPython on the spot, and gloo's worker
+    threads can still be dropping the last collective's tensors (which needs the GIL). A thread ended inside a C++
+    destructor is std::terminate: SIGABRT, "terminate called without an active exception", the whole torchrun
+    failed, in about 1 of 100 runs of the torchrun tests here (issue 15; the rank that exits right after the final
+    barrier, while rank 0 still writes its reports). Every file the run writes is closed before this point."""
+    if "RANK" in os.environ:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
