@@ -9,12 +9,15 @@
 
 Settings reach this module as arguments (the config dict `c` of code/ppo.py); it never imports ppo.
 """
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
 import json
 import math
 import os
+import signal
+import threading
 import typing
 import warnings
 
@@ -431,17 +434,51 @@ class RewardScorer:
         return frozen_forward(self.model, call, ids, mask, last_index(mask))
 
 
-def load_score_fn(path, what):
+class ScoreTimeout(BaseException):
+    """A score() call ran past SCORE_TIMEOUT (a BaseException, so that the user's own `except Exception` in the
+    function does not swallow it)."""
+
+
+@contextlib.contextmanager
+def time_bound(seconds):
+    """Raise ScoreTimeout in the block after `seconds` (0 = no bound). A SIGALRM timer: the main thread of a POSIX
+    process only (elsewhere there is no bound)."""
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise ScoreTimeout
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def load_score_fn(path, what, timeout=0.0):
     """score(prompts, responses) -> list[float] from a Python file (GOLD_REWARD, or a reward function in
-    REWARD_MODEL / REWARD_FN), checked on every call: one value per reply, all finite."""
+    REWARD_MODEL / REWARD_FN), checked on every call: one value per reply, all finite, back within `timeout`
+    seconds (SCORE_TIMEOUT; 0 = no bound). A file that calls sys.exit() (an unguarded script block), at import or
+    in score(), is an error of that file, not the end of the run."""
     off = {"GOLD_REWARD": "--gold_reward= to turn it off", "REWARD_FN": "--reward_fn= to turn it off",
            "REWARD_MODEL": "a reward model folder instead"}[what]
     if not os.path.isfile(path):
         raise ConfigError(f"{what} file {path!r} not found; give a .py file with score(prompts, responses), or {off}")
     spec = importlib.util.spec_from_file_location(f"score_fn_{what.lower()}", path)
     mod = importlib.util.module_from_spec(spec)
+    late = (f"did not return within SCORE_TIMEOUT = {timeout:g} s; make it faster, or raise --score_timeout "
+            f"(0 = no bound)")
     try:
-        spec.loader.exec_module(mod)
+        with time_bound(timeout):
+            spec.loader.exec_module(mod)
+    except SystemExit as e:
+        raise ConfigError(f"{what} {path!r} called sys.exit({e.code!r}) while being imported; put its script code "
+                          f"under `if __name__ == \"__main__\":`") from None
+    except ScoreTimeout:
+        raise ConfigError(f"{what} {path!r}: importing it {late}") from None
     except Exception as e:  # the user's file: any import error is theirs to fix, reported in one line
         raise ConfigError(f"{what} {path!r} failed to import: {type(e).__name__}: {e}") from None
     if not callable(getattr(mod, "score", None)):
@@ -449,7 +486,13 @@ def load_score_fn(path, what):
 
     def score(prompts, responses):
         try:
-            out = [float(x) for x in mod.score(prompts, responses)]
+            with time_bound(timeout):
+                out = [float(x) for x in mod.score(prompts, responses)]
+        except SystemExit as e:
+            raise ConfigError(f"{what} {path!r}: score() called sys.exit({e.code!r}); return one score per reply "
+                              f"instead") from None
+        except ScoreTimeout:
+            raise ConfigError(f"{what} {path!r}: score() {late}") from None
         except Exception as e:  # the user's function: reported in one line, whatever it raised
             raise ConfigError(f"{what} {path!r}: score() failed ({first_line(e)}); fix the function, or "
                               f"{off}") from None
@@ -466,8 +509,8 @@ class RewardFunction:
     contract, called with the prompt texts the policy saw and the decoded replies (answer checking, format rules).
     With rm (REWARD_FN beside a reward model) its score is added to the reward model's, e.g. a format penalty."""
 
-    def __init__(self, path, what, device, rm=None):
-        self.fn, self.device, self.rm = load_score_fn(path, what), device, rm
+    def __init__(self, path, what, device, rm=None, timeout=0.0):
+        self.fn, self.device, self.rm = load_score_fn(path, what, timeout), device, rm
 
     def __call__(self, query_responses, attention_mask, context_length, prompts, replies, ended):
         scores = torch.tensor(self.fn([p.text for p in prompts], list(replies)), dtype=torch.float32,
@@ -491,23 +534,41 @@ def read_records(path, what):
             raise ConfigError(f"{what} {path!r} cannot be read as Parquet ({first_line(e)})") from None
         rows = [plain(r) for r in rows]
     else:
-        try:
-            with open(path, encoding="utf-8") as f:
+        try:  # utf-8-sig: a byte-order mark, as some editors write one, is read and dropped
+            with open(path, encoding="utf-8-sig") as f:
                 text = f.read()
         except UnicodeDecodeError as e:
             raise ConfigError(f"{what} {path!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-        try:
-            rows = json.loads(text)
-            rows = [rows] if isinstance(rows, dict) else rows
-        except json.JSONDecodeError:
-            try:
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            except json.JSONDecodeError:
-                raise ConfigError(f"{what} {path!r} is neither JSON nor JSONL; expected a list of prompt records "
-                                  f"(Alpaca, chat, ShareGPT or prompt)") from None
+        rows = parse_json_or_jsonl(text, path, what)
     if not isinstance(rows, list) or not rows:
         raise ConfigError(f"{what} {path!r} holds no records; expected a non-empty list of prompt records")
     return rows
+
+
+def parse_json_or_jsonl(text, path, what):
+    """A JSON document (a list of records, or one record) or JSONL (one record per line). A JSONL file with damaged
+    lines among good ones names the first damaged line; a file that is neither names where JSON parsing failed."""
+    try:
+        rows = json.loads(text)
+        return [rows] if isinstance(rows, dict) else rows
+    except json.JSONDecodeError as whole:
+        rows, bad = [], []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    bad.append((number, e))
+        if bad and rows:  # JSONL with damaged lines
+            (number, e), more = bad[0], len(bad) - 1
+            raise ConfigError(f"{what} {path!r}: line {number} is not valid JSON ({e.msg} at column {e.colno})"
+                              + (f", and {more} more lines" if more else "")
+                              + "; the other lines read as JSONL (one record per line): fix or remove it") from None
+        if bad:
+            raise ConfigError(f"{what} {path!r} is neither JSON nor JSONL ({whole.msg} at line {whole.lineno} column "
+                              f"{whole.colno}); expected a list of prompt records (Alpaca, chat, ShareGPT or "
+                              f"prompt)") from None
+        return rows
 
 
 def plain(x):
@@ -553,6 +614,11 @@ def conversation(record, key):
         return None
     users = [i for i, t in enumerate(turns) if t["role"] == "user"]
     return [{"role": t["role"], "content": t["content"]} for t in turns[:users[-1] + 1]] if users else None
+
+
+def user_turn(conv):
+    """The text of a prompt's last user turn (the question the reply answers)."""
+    return conv if isinstance(conv, str) else [t["content"] for t in conv if t["role"] == "user"][-1]
 
 
 def conversation_text(conv):
@@ -604,6 +670,10 @@ def load_prompts(path, tok, max_tokens, what, log=print, why=None):
     if bad:
         raise ConfigError(f"{what} {path!r}: record {bad[0]} (and {len(bad) - 1} more) does not fit the file's format, "
                           f"{PROMPT_FORMATS[key]} with a user turn")
+    empty = [i for i, conv in enumerate(convs) if not user_turn(conv).strip()]
+    if empty:
+        raise ConfigError(f"{what} {path!r}: record {empty[0]} (and {len(empty) - 1} more) has an empty prompt (its "
+                          f"last user turn has no text); give every record a prompt, or remove those records")
     log(f"{what} {path}: {len(rows)} records, format {PROMPT_FORMATS[key].split(':')[0]}")
     out = []
     for conv in convs:
@@ -709,8 +779,9 @@ def load_roles(c, device, dtype, sync_stop=False):
         notes.append(f"the reward model reads at most {rm.max_len} of its tokens: a longer conversation keeps its "
                      f"last {rm.max_len} (a decoder) or is truncated by its tokenizer (an encoder)")
     notes += [note] if note else []
-    scorer = rm or RewardFunction(c["REWARD_MODEL"], "REWARD_MODEL", device)
-    scorer = RewardFunction(c["REWARD_FN"], "REWARD_FN", device, scorer) if c["REWARD_FN"] else scorer
+    scorer = rm or RewardFunction(c["REWARD_MODEL"], "REWARD_MODEL", device, timeout=c["SCORE_TIMEOUT"])
+    if c["REWARD_FN"]:
+        scorer = RewardFunction(c["REWARD_FN"], "REWARD_FN", device, scorer, c["SCORE_TIMEOUT"])
     if c["GRADIENT_CHECKPOINTING"]:
         for m in [actor] + ([critic.model] if critic is not None else []):
             m.activation_checkpointing_enable({"use_reentrant": False})

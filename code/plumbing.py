@@ -14,6 +14,7 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import errno
 import importlib.util
 import json
 import math
@@ -44,7 +45,8 @@ class TrainingDiverged(Exception):
 
 # settings that may change when a run is resumed: how long it runs and how it reports, not what it computes
 RESUMABLE_CHANGES = {"TOTAL_STEPS", "RESUME", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "EVAL_FILE", "EVAL_SIZE",
-                     "SAMPLE_EVERY", "OUTPUT_DIR", "SAVE_MODEL", "MAX_BAD_STEPS", "DEVICE", "REPORT_TO"}
+                     "SAMPLE_EVERY", "OUTPUT_DIR", "SAVE_MODEL", "MAX_BAD_STEPS", "DEVICE", "REPORT_TO",
+                     "SCORE_TIMEOUT"}
 
 
 # ---- distributed: under torchrun every reduction spans all ranks; in one process each is the identity ---------------
@@ -90,8 +92,6 @@ def setup_distributed(c):
     global DIST_DEVICE
     if "RANK" not in os.environ:
         return 0, 1, pick_device(c["DEVICE"])
-    if c["DISTRIBUTED"] not in ("ddp", "fsdp"):
-        raise ConfigError(f"DISTRIBUTED = {c['DISTRIBUTED']!r} must be 'ddp' or 'fsdp'")
     device = pick_device(c["DEVICE"])
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -195,43 +195,51 @@ def lr_schedule(optimizer, c):
                          num_training_steps=c["TOTAL_STEPS"] * c["PPO_EPOCHS"] * c["PPO_BUFFER_SIZE"])
 
 
+# Every setting's domain, checked in one place (check_config): name -> (test, what it must be). A float must also be
+# finite (NaN passes every comparison as False, and inf passes "> 0").
+POSITIVE_INTS = ("MINI_BATCH_SIZE", "GRAD_ACCUM", "PPO_BUFFER_SIZE", "PPO_EPOCHS", "MAX_NEW_TOKENS",
+                 "MAX_PROMPT_TOKENS", "KEEP_CHECKPOINTS", "MAX_BAD_STEPS", "SAMPLES_PER_PROMPT")
+NON_NEGATIVE = ("TOTAL_STEPS", "EVAL_EVERY", "SAMPLE_EVERY", "EVAL_SIZE", "SAVE_EVERY", "WARMUP_STEPS", "LORA_R",
+                "INIT_KL_COEF", "CLIP_RANGE", "CLIP_RANGE_VALUE", "VF_COEF", "MAX_GRAD_NORM", "SCORE_CLIP",
+                "MISSING_EOS_PENALTY", "WEIGHT_DECAY", "SCORE_TIMEOUT")
+POSITIVE = ("PPO_TARGET", "TEMPERATURE", "KL_HORIZON", "LEARNING_RATE", "ADAM_EPS", "LORA_ALPHA")
+UNIT_INTERVAL = ("GAMMA", "LAM")
+CHOICES = {"ADVANTAGE": ("gae", "grpo", "rloo", "reinforce++"), "KL_IN": ("reward", "loss"),
+           "KL_ESTIMATOR": ("k1", "k3"), "LR_SCHEDULE": ("constant", "linear", "cosine"),
+           "DTYPE": ("auto", "float32", "bfloat16", "float16"), "DISTRIBUTED": ("ddp", "fsdp")}
+
+
 def check_config(c):
-    """The bounds every setting must respect (batch sizes are derived and checked in batch_sizes)."""
-    for k in ("MINI_BATCH_SIZE", "GRAD_ACCUM", "PPO_BUFFER_SIZE", "PPO_EPOCHS", "MAX_NEW_TOKENS", "MAX_PROMPT_TOKENS"):
+    """The domain of every setting, one message each (batch sizes are derived and checked in ppo.batch_sizes)."""
+    for k, v in c.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{k} = {v} must be a finite number")
+    for k in POSITIVE_INTS:
         if c[k] < 1:
             raise ConfigError(f"{k} = {c[k]} must be a positive integer")
-    for k in ("TOTAL_STEPS", "EVAL_EVERY", "SAMPLE_EVERY", "EVAL_SIZE", "SAVE_EVERY"):
+    for k in NON_NEGATIVE:
         if c[k] < 0:
-            raise ConfigError(f"{k} = {c[k]} must be >= 0")
-    if c["KEEP_CHECKPOINTS"] < 1 or c["MAX_BAD_STEPS"] < 1:
-        raise ConfigError("KEEP_CHECKPOINTS and MAX_BAD_STEPS must be >= 1")
-    for k in ("PPO_TARGET", "TEMPERATURE", "KL_HORIZON", "LEARNING_RATE"):
+            raise ConfigError(f"{k} = {c[k]} must be >= 0" + (" (0 = off)" if k == "LORA_R" else ""))
+    for k in POSITIVE:
         if not c[k] > 0:
             raise ConfigError(f"{k} = {c[k]} must be > 0")
-    for k in ("INIT_KL_COEF", "CLIP_RANGE", "CLIP_RANGE_VALUE", "VF_COEF", "MAX_GRAD_NORM", "SCORE_CLIP",
-              "MISSING_EOS_PENALTY", "WEIGHT_DECAY"):
-        if c[k] < 0:
-            raise ConfigError(f"{k} = {c[k]} must be >= 0")
-    if c["ADVANTAGE"] not in ("gae", "grpo", "rloo", "reinforce++"):
-        raise ConfigError(f"ADVANTAGE = {c['ADVANTAGE']!r} must be gae, grpo, rloo or reinforce++")
-    if c["SAMPLES_PER_PROMPT"] < (2 if c["ADVANTAGE"] in ("grpo", "rloo") else 1):
+    for k in UNIT_INTERVAL:
+        if not 0 <= c[k] <= 1:
+            raise ConfigError(f"{k} = {c[k]} must lie in [0, 1]")
+    for k, allowed in CHOICES.items():
+        if c[k] not in allowed:
+            raise ConfigError(f"{k} = {c[k]!r} must be one of {', '.join(allowed)}")
+    if not 0 <= c["SEED"] < 2 ** 32:
+        raise ConfigError(f"SEED = {c['SEED']} must lie in [0, 2**32 - 1] (numpy's seed range)")
+    if c["ADVANTAGE"] in ("grpo", "rloo") and c["SAMPLES_PER_PROMPT"] < 2:
         raise ConfigError(f"SAMPLES_PER_PROMPT = {c['SAMPLES_PER_PROMPT']} is too few for ADVANTAGE = "
-                          f"{c['ADVANTAGE']!r}: " + ("its baseline is the other replies to the same prompt; use 2 or "
-                                                     "more (4-16 is usual)" if c["ADVANTAGE"] in ("grpo", "rloo")
-                                                     else "use 1 or more"))
-    if c["KL_IN"] not in ("reward", "loss"):
-        raise ConfigError(f"KL_IN = {c['KL_IN']!r} must be 'reward' or 'loss'")
-    if c["KL_ESTIMATOR"] not in ("k1", "k3"):
-        raise ConfigError(f"KL_ESTIMATOR = {c['KL_ESTIMATOR']!r} must be 'k1' or 'k3'")
-    if not 0 <= c["LAM"] <= 1 or not 0 <= c["GAMMA"] <= 1:
-        raise ConfigError("GAMMA and LAM must lie in [0, 1]")
-    if c["LORA_R"] < 0 or not c["LORA_ALPHA"] > 0:
-        raise ConfigError(f"LORA_R = {c['LORA_R']} must be >= 0 (0 = off) and LORA_ALPHA = {c['LORA_ALPHA']} > 0")
-    if c["LR_SCHEDULE"] not in ("constant", "linear", "cosine") or c["WARMUP_STEPS"] < 0:
-        raise ConfigError(f"LR_SCHEDULE = {c['LR_SCHEDULE']!r} must be constant, linear or cosine, and WARMUP_STEPS "
-                          f"= {c['WARMUP_STEPS']} >= 0")
-    if c["DTYPE"] not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"DTYPE = {c['DTYPE']!r} must be auto, float32, bfloat16 or float16")
+                          f"{c['ADVANTAGE']!r}: its baseline is the other replies to the same prompt; use 2 or more "
+                          f"(4-16 is usual)")
+    optimizer_steps = c["TOTAL_STEPS"] * c["PPO_EPOCHS"] * c["PPO_BUFFER_SIZE"]
+    if c["WARMUP_STEPS"] > optimizer_steps:
+        raise ConfigError(f"WARMUP_STEPS = {c['WARMUP_STEPS']} is more than the run's {optimizer_steps} optimizer "
+                          f"steps (TOTAL_STEPS x PPO_EPOCHS x PPO_BUFFER_SIZE): the learning rate would never reach "
+                          f"LEARNING_RATE; lower --warmup_steps")
 
 
 # ---- run setup and resume -------------------------------------------------------------------------------------------
@@ -515,6 +523,74 @@ def describe(c, env, sizes, roles, params, prompts, eval_prompts, metrics_dir, m
     return {"derived": derived, "models": models, "data": data, "files": files, "columns": columns}
 
 
+LOCK_FILE = ".ppo-rlhf.lock"  # in OUTPUT_DIR while a run writes there: the process id of the run
+
+
+@contextlib.contextmanager
+def hold_output_dir(c, env, dashboards):
+    """OUTPUT_DIR for this run alone while it writes, and its dashboards, both given back on every way out. The lock
+    file holds the writing run's process id (rank 0's: a torchrun job holds one lock for all its ranks); a second
+    run refuses in one line naming it, and a lock left by a run that is no longer running (kill -9) is taken over
+    with a note. Taken before the run writes anything, so a refused run changes nothing."""
+    path = os.path.join(c["OUTPUT_DIR"], LOCK_FILE)
+    failure = None
+    if env.master:
+        try:
+            take_lock(path, c["OUTPUT_DIR"], env.log)
+        except ConfigError as e:
+            failure = e
+    if dist_on() and all_reduce_sum(torch.tensor([float(failure is not None)], device=DIST_DEVICE)).item():
+        failure = failure or ConfigError("rank 0 could not lock OUTPUT_DIR")  # only rank 0 says why
+    if failure:
+        raise failure
+    try:
+        with dashboards:
+            yield
+    finally:
+        if env.master and lock_owner(path) == os.getpid():
+            os.remove(path)
+
+
+def take_lock(path, output_dir, log):
+    for _ in range(3):
+        try:  # O_EXCL: of two runs that start together, exactly one creates the file
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = lock_owner(path)
+            if pid is not None and pid != os.getpid() and process_alive(pid):
+                raise ConfigError(f"OUTPUT_DIR {output_dir!r} is in use by another run (process {pid}, which holds "
+                                  f"{path}); wait for it to end or stop it, or give this run its own "
+                                  f"--output_dir") from None
+            if pid != os.getpid():
+                log(f"note: {path} was left by process {pid}, which is no longer running; taking it over")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise ConfigError(f"OUTPUT_DIR {output_dir!r}: cannot take {path} (another run keeps taking it); try again")
+
+
+def lock_owner(path):
+    """The process id in a lock file, or None (no file, or not a number: a lock cut short)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 class MetricsCsv:
     """training_metrics.csv, written under a .tmp name with the rows so far (a resumed run's, from its checkpoint),
     renamed into place, then appended row by row: a crash loses at most the step in flight."""
@@ -620,30 +696,78 @@ def list_checkpoints(ckpt_dir):
     return [os.path.join(ckpt_dir, n) for n in names if os.path.isfile(os.path.join(ckpt_dir, n, "meta.json"))]
 
 
+def incomplete_checkpoints(ckpt_dir):
+    """Checkpoint folders a stopped run left half-written: a .tmp folder never renamed, or one without meta.json."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d{8}\.tmp", n)
+                  or re.fullmatch(r"step_\d{8}", n) and not os.path.isfile(os.path.join(ckpt_dir, n, "meta.json")))
+
+
+def tensor_bytes(obj):
+    """The bytes of every tensor in a nested state (dicts, lists): what torch.save will write, about."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+
+
+def no_space(path, needed, newest):
+    """The one line for a full disk: what was needed, what is free, what still resumes the run."""
+    free = shutil.disk_usage(path).free
+    return ConfigError(f"no space left on the device for {path} (about {needed / 2**20:.0f} MB needed, "
+                       f"{free / 2**20:.0f} MB free); free some space or lower --keep_checkpoints, then run the same "
+                       f"command again: " + (f"the newest checkpoint, {newest}, resumes the run" if newest else
+                                             "no checkpoint was written yet"))
+
+
 def save_checkpoint(ckpt_dir, keep, state, roles, trainer, prompt_rng, env):
     """Write OUTPUT_DIR/checkpoints/step_XXXXXXXX/state.pt (models, optimizer, LR schedule, every rank's RNG, the
-    RunState) atomically (a .tmp folder, then rename); keep the newest `keep`. Every rank takes part (its RNG state;
-    FSDP gathers the shards); rank 0 writes."""
+    RunState) atomically (a .tmp folder, then rename); keep the newest `keep`, deleting older ones only once the new
+    one is complete. Every rank takes part (its RNG state; FSDP gathers the shards); rank 0 writes, and when it
+    cannot (a full disk) every rank stops with its error."""
     model_state, optim_state = trained_state(roles, trainer.optimizer, env.fsdp)
-    rngs = all_gather_list([rng_state(prompt_rng)])
-    step = state.step
+    saved = {"models": model_state, "optimizer": optim_state, "scheduler": trainer.scheduler.state_dict(),
+             "rng": all_gather_list([rng_state(prompt_rng)]), **vars(state)}
+    final = os.path.join(ckpt_dir, f"step_{state.step:08d}")
+    failure = None
     if env.master:
-        final = os.path.join(ckpt_dir, f"step_{step:08d}")
-        tmp = final + ".tmp"
+        try:
+            write_checkpoint(final, saved, {"step": state.step, "config": state.config})
+            for old in list_checkpoints(ckpt_dir)[:-keep]:
+                shutil.rmtree(old)
+        except ConfigError as e:
+            failure = e
+    if dist_on() and all_reduce_sum(torch.tensor([float(failure is not None)], device=DIST_DEVICE)).item():
+        failure = failure or ConfigError("rank 0 could not write the checkpoint")  # only rank 0 says why
+    if failure:
+        raise failure
+    return final
+
+
+def write_checkpoint(final, saved, meta):
+    """state.pt and meta.json into final + ".tmp", then renamed to final. A disk too full for it is one clear line,
+    checked before writing and caught while writing; the half-written folder is removed, and the earlier checkpoints
+    stay as they were."""
+    ckpt_dir, tmp = os.path.dirname(final), final + ".tmp"
+    needed, newest = tensor_bytes(saved) + 2**20, (list_checkpoints(ckpt_dir) or [None])[-1]
+    os.makedirs(ckpt_dir, exist_ok=True)
+    if shutil.disk_usage(ckpt_dir).free < needed:
+        raise no_space(ckpt_dir, needed, newest)
+    try:
         os.makedirs(tmp, exist_ok=True)
-        torch.save({"models": model_state, "optimizer": optim_state, "scheduler": trainer.scheduler.state_dict(),
-                    "rng": rngs, **vars(state)},
-                   os.path.join(tmp, "state.pt"))
+        torch.save(saved, os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # read without loading the weights
-            json.dump({"step": step, "config": state.config}, f, indent=1)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old)
-    if dist_on():
-        torch.distributed.barrier()
-    return os.path.join(ckpt_dir, f"step_{step:08d}")
+            json.dump(meta, f, indent=1)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(ckpt_dir).free < needed:
+            raise no_space(ckpt_dir, needed, newest) from None
+        raise
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def read_checkpoint(path, name):
@@ -685,6 +809,9 @@ def choose_checkpoint(c, defaults, ckpt_dir, log):
                               f"its settings, or start over with --resume=never")
         return path, False
     found = list_checkpoints(ckpt_dir)
+    for half in incomplete_checkpoints(ckpt_dir):
+        log(f"note: {half} is incomplete (a run stopped while writing it) and is skipped; "
+            + (f"the newest complete one is {found[-1]}" if found else "there is no complete one"))
     if not found:
         return None, False
     diff = config_differences(read_checkpoint(found[-1], "meta.json").get("config", {}), c, defaults)
@@ -1146,8 +1273,10 @@ def main(train, argv, defaults, doc, script):
     """train(resolve_config(argv)) with the exit codes: 0 done, 2 bad input, 3 diverged (non-finite numbers),
     130 / 143 stopped by Ctrl-C / SIGTERM."""
     say = (lambda msg: print(msg, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda msg: None)
+    c = defaults
     try:
-        result = train(resolve_config(argv, defaults, doc, script))
+        c = resolve_config(argv, defaults, doc, script)
+        result = train(c)
         return 128 + result["signum"] if result and result.get("status") == "interrupted" and result["signum"] else 0
     except ConfigError as e:
         say(f"error: {e}")
@@ -1156,8 +1285,16 @@ def main(train, argv, defaults, doc, script):
         say(f"error: {e}")
         return 3
     except KeyboardInterrupt:
-        say("\nstopped at once; the newest checkpoint in OUTPUT_DIR/checkpoints resumes the run (RESUME=auto)")
+        kept = list_checkpoints(os.path.join(c["OUTPUT_DIR"], "checkpoints"))
+        say(f"\nstopped at once; the newest checkpoint, {kept[-1]}, resumes the run (RESUME=auto)" if kept else
+            "\nstopped at once, before any checkpoint was written: there is nothing to resume")
         return 130
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        say(f"error: no space left on the device ({e.filename or c['OUTPUT_DIR']}); free some space, then run the "
+            f"same command again (the newest checkpoint in {c['OUTPUT_DIR']}/checkpoints resumes the run)")
+        return 2
     finally:
         if dist_on():
             torch.distributed.destroy_process_group()

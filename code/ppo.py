@@ -32,8 +32,8 @@ import torch
 
 from loading import (PAD_ID, ConfigError, frozen_forward, left_pad, last_index, load_prompt_files, load_roles,
                      load_score_fn, model_inputs, position_ids_of, trainable_parameters)
-from plumbing import (Run, all_gather_list, all_mean, all_reduce_sum, dist_on, gradient_sync, leave, lr_schedule,
-                      main, save_models, setup, world_size, wrap_for_training)
+from plumbing import (Run, all_gather_list, all_mean, all_reduce_sum, dist_on, gradient_sync, hold_output_dir, leave,
+                      lr_schedule, main, save_models, setup, world_size, wrap_for_training)
 
 _IMPORTED = set(globals())  # names above the config block (PAD_ID is the trainer's, not a setting)
 
@@ -43,6 +43,7 @@ ACTOR_MODEL = "data/models/demo-sft"     # Actor (policy, trained): SFT causal L
 REF_MODEL = ""                           # Reference (frozen SFT copy for the KL leash); "" = ACTOR_MODEL
 REWARD_MODEL = "data/models/demo-rm"     # Reward model (frozen judge): a sequence-classification model, or a .py
 REWARD_FN = ""                           # a .py file whose score(prompts, responses) is added to the reward
+SCORE_TIMEOUT = 600.0                    # seconds one score() call of a .py file may take (0 = no bound)
 REWARD_LABEL = ""                        # the reward model's output to use when it has several: index or label name
 CRITIC_MODEL = ""                        # Critic (value model, trained; its score head is the value head); "" = RM
 # data
@@ -704,7 +705,7 @@ def train(c):
     trainer = Trainer(actor, critic, params, optimizer, lr_schedule(optimizer, c))
     kl_ctl = AdaptiveKLController(c["INIT_KL_COEF"], c["PPO_TARGET"], c["KL_HORIZON"], c["ADAPTIVE_KL"])
     score_moments = RunningMoments() if c["SCORE_NORM"] else None
-    gold = load_score_fn(c["GOLD_REWARD"], "GOLD_REWARD") if c["GOLD_REWARD"] else None
+    gold = load_score_fn(c["GOLD_REWARD"], "GOLD_REWARD", c["SCORE_TIMEOUT"]) if c["GOLD_REWARD"] else None
     prompts, eval_prompts = load_prompt_files(c, roles, sizes, env.log)
     # resume from the newest checkpoint of this config, or start fresh (plumbing.py); nothing written yet
     run = Run(c, DEFAULTS, env, sizes, roles, trainer, kl_ctl, score_moments, prompts, eval_prompts)
@@ -712,7 +713,7 @@ def train(c):
         run.add_eval(*evaluate(roles, eval_prompts, c, gold, 0))
     if run.state.step >= c["TOTAL_STEPS"]:  # resumed a finished run: nothing to do, nothing written
         return None
-    with run.dashboards:  # TensorBoard / W&B (REPORT_TO), closed on every way out
+    with hold_output_dir(c, env, run.dashboards):  # OUTPUT_DIR for this run alone, and TensorBoard / W&B
         with run:  # writes into OUTPUT_DIR; every way out closes the CSV and restores the signal handlers
             for step, batch_prompts in run.steps():  # this rank's share of each rollout batch, reshuffled each pass
                 row, batch = ppo_step(roles, trainer, batch_prompts, kl_ctl.value, c, sizes, score_moments, gold)

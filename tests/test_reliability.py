@@ -107,6 +107,72 @@ def test_sigterm_stops_after_the_step_in_flight_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"step {done}" in r.stdout
     assert [int(x["step"]) for x in rows(out)] == list(range(1, done + 3))
+    assert "taking it over" not in r.stdout and not (out / plumbing.LOCK_FILE).exists()  # SIGTERM gave the lock back
+
+
+def test_a_second_run_in_the_same_output_dir_refuses_naming_the_first(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, SCRIPT, f"--output_dir={out}", "--total_steps=500", "--save_every=1", "--eval_file="] + SMALL
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(out / "ppo_metrics/training_metrics.csv", 1, first)
+    assert plumbing.lock_owner(out / plumbing.LOCK_FILE) == first.pid
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [x for x in second.stderr.splitlines() if x.strip()]
+    assert second.returncode == 2 and len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert f"is in use by another run (process {first.pid}" in lines[0]
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == 143  # the first run went on undisturbed
+    assert not (out / plumbing.LOCK_FILE).exists()
+
+
+def test_a_half_written_checkpoint_is_skipped_and_said(tmp_path, capsys):
+    ppo.train(config(tmp_path, TOTAL_STEPS=2, SAVE_EVERY=1, EVAL_FILE=""))
+    os.remove(tmp_path / "checkpoints/step_00000002/meta.json")  # as a run stopped while writing it leaves it
+    assert ppo.train(config(tmp_path, TOTAL_STEPS=3, SAVE_EVERY=1, EVAL_FILE=""))["steps"] == 3
+    out = capsys.readouterr().out
+    assert f"note: {tmp_path}/checkpoints/step_00000002 is incomplete (a run stopped while writing it) and is " \
+           f"skipped; the newest complete one is {tmp_path}/checkpoints/step_00000001" in out
+    assert f"resuming from {tmp_path}/checkpoints/step_00000001: step 1" in out
+
+
+def test_ctrl_c_during_setup_says_there_is_nothing_to_resume(tmp_path):
+    args = [sys.executable, "-u", SCRIPT, f"--output_dir={tmp_path}", "--total_steps=2"] + SMALL
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().startswith("PROMPT_FILE")  # loading: models are in, prompts being read
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=120) == 130
+    err = p.stderr.read()
+    assert "before any checkpoint was written: there is nothing to resume" in err and "Traceback" not in err, err
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 40 MB tmpfs: room for the demo's outputs and one checkpoint (22 MB), not for a second one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    yield mount
+    subprocess.run(["umount", str(mount)])
+
+
+def test_a_full_disk_keeps_the_earlier_checkpoint_and_the_run_resumes(full_disk, tmp_path):
+    out = full_disk / "run"
+    args = [sys.executable, SCRIPT, "--total_steps=4", "--save_every=1", "--keep_checkpoints=2", "--eval_file=",
+            "--save_model=false"] + SMALL
+    r = subprocess.run(args + [f"--output_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("PPO:")]  # the progress bar aside
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[0].startswith("error: no space left on the device") and "MB needed" in lines[0], lines[0]
+    kept = plumbing.list_checkpoints(out / "checkpoints")
+    assert [os.path.basename(k) for k in kept] == ["step_00000001"] and f"{kept[-1]}, resumes the run" in lines[0]
+    assert not plumbing.incomplete_checkpoints(out / "checkpoints")  # the half-written one was removed
+    assert len(rows(out)) == 2 and not (out / plumbing.LOCK_FILE).exists()
+    shutil.copytree(out, tmp_path / "moved")  # with room again, the same command resumes from step 1
+    r = subprocess.run(args + [f"--output_dir={tmp_path / 'moved'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "step_00000001: step 1" in r.stdout, r.stderr[-2000:]
+    assert [int(x["step"]) for x in rows(tmp_path / "moved")] == [1, 2, 3, 4]
 
 
 def test_kill_9_resumes_from_the_last_checkpoint(tmp_path):
@@ -122,6 +188,9 @@ def test_kill_9_resumes_from_the_last_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming from {out}/checkpoints/step_{last:08d}" in r.stdout
     assert [int(x["step"]) for x in rows(out)] == list(range(1, last + 2))  # rows after the checkpoint are redone
+    # the killed run's lock did not block this one, and this one gave its own back
+    assert f"was left by process {p.pid}, which is no longer running; taking it over" in r.stdout
+    assert not (out / plumbing.LOCK_FILE).exists()
 
 
 def test_non_finite_gradients_skip_the_update():
@@ -203,6 +272,12 @@ def bad_files(tmp_path_factory):
     (d / "a_file").write_text("x")
     (d / "latin1.json").write_bytes('[{"instruction": "Beschreibe die Lampe, bitte", "input": "Größe"}]'.encode("latin-1"))
     (d / "raises.py").write_text("def score(p, r):\n    raise KeyError('product')\n")
+    good = [json.dumps({"instruction": f"Review the lamp, part {i}."}) for i in range(40)]
+    (d / "damaged.jsonl").write_text("\n".join(good[:20] + ['{"instruction": "cut off'] + good[20:]) + "\n")
+    (d / "empty_prompts.json").write_text(json.dumps([{"instruction": " ", "input": ""}] * 40))
+    (d / "exits.py").write_text("import sys\ndef score(p, r):\n    return [0.0] * len(r)\nsys.exit(0)\n")
+    (d / "exits_in_score.py").write_text("import sys\ndef score(p, r):\n    sys.exit(1)\n")
+    (d / "hangs.py").write_text("import time\ndef score(p, r):\n    while True:\n        time.sleep(1)\n")
     from transformers import GPT2Config, GPT2ForSequenceClassification, T5Config, T5ForConditionalGeneration
     two = GPT2ForSequenceClassification(GPT2Config(vocab_size=800, n_embd=16, n_layer=1, n_head=2, num_labels=2))
     two.save_pretrained(d / "rm2")
@@ -251,6 +326,15 @@ BAD = [
     (lambda d: ["--stop_tokens=<|nope|>"], "not one token of the actor's tokenizer"),
     (lambda d: [f"--actor_model={d}/quantised", "--lora_r=8"], "is a quantised checkpoint (bitsandbytes)"),
     (lambda d: ["--lora_r=8", "--lora_target_modules=q_proj"], "LORA_TARGET_MODULES 'q_proj'"),
+    (lambda d: [f"--prompt_file={d}/damaged.jsonl"], "line 21 is not valid JSON"),
+    (lambda d: [f"--prompt_file={d}/empty_prompts.json"], "record 0 (and 39 more) has an empty prompt"),
+    (lambda d: [f"--gold_reward={d}/exits.py"], "called sys.exit(0) while being imported"),
+    (lambda d: [f"--gold_reward={d}/exits_in_score.py"], "score() called sys.exit(1)"),
+    (lambda d: [f"--reward_model={d}/hangs.py", "--score_timeout=2"], "did not return within SCORE_TIMEOUT = 2 s"),
+    (lambda d: ["--init_kl_coef=nan"], "INIT_KL_COEF = nan must be a finite number"),
+    (lambda d: ["--learning_rate=inf"], "LEARNING_RATE = inf must be a finite number"),
+    (lambda d: ["--seed=-1"], "SEED = -1 must lie in [0, 2**32 - 1]"),
+    (lambda d: ["--warmup_steps=100"], "WARMUP_STEPS = 100 is more than the run's 6 optimizer steps"),
 ]
 
 
@@ -264,6 +348,20 @@ def test_bad_input_leaves_earlier_outputs_intact(bad_args, needle, finished_run,
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr[-2000:]
     assert snapshot(finished_run) == before
+
+
+def test_a_run_holding_the_output_dir_refuses_a_second_and_changes_nothing(finished_run):
+    lock = finished_run / plumbing.LOCK_FILE
+    lock.write_text(f"{os.getpid()}\n")  # a live process (this test's) holds the folder
+    try:
+        before = snapshot(finished_run)
+        r = subprocess.run([sys.executable, SCRIPT, f"--output_dir={finished_run}", "--total_steps=3"] + SMALL,
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and f"in use by another run (process {os.getpid()}" in lines[0]
+        assert snapshot(finished_run) == before
+    finally:
+        lock.unlink()
 
 
 def test_output_dir_that_cannot_be_created(bad_files, tmp_path):

@@ -109,6 +109,10 @@ def test_prompt_file_problems(tmp_path):
     for path, needle in [(bad_json, "neither JSON nor JSONL"), (empty, "holds no records")]:
         with pytest.raises(loading.ConfigError, match=needle):
             loading.read_records(str(path), "PROMPT_FILE")
+    records = [{"instruction": "Review the lamp."}, {"instruction": "Größe?"}]
+    for name, text in [("list.json", json.dumps(records)), ("lines.jsonl", "\n".join(map(json.dumps, records)))]:
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())  # a byte-order mark, as some editors save
+        assert loading.read_records(str(tmp_path / name), "PROMPT_FILE") == records
     tok, _ = loading.load_tokenizer(SFT, "ACTOR_MODEL")
     with pytest.raises(loading.ConfigError, match="the first record fits no prompt format"):
         loading.load_prompts(str(no_instr), tok, 128, "PROMPT_FILE")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import loading
+import plumbing
 import ppo
 
 from conftest import RM, ROOT, assert_same_rows, make_config, torchrun
@@ -97,6 +98,8 @@ def test_torchrun_ddp_keeps_ranks_identical_and_writes_one_set_of_outputs(tmp_pa
     assert r.stdout.count("eval before:") == 1  # only rank 0 prints
     assert sorted(os.listdir(tmp_path / "ppo_metrics")) == ["config.json", "samples.jsonl", "summary.json",
                                                             "training_curves.png", "training_metrics.csv"]
+    # one lock for the job (rank 0's: had rank 1 tried to take it, it would have refused), given back at the end
+    assert "is in use by another run" not in r.stderr and not (tmp_path / plumbing.LOCK_FILE).exists()
     # a global batch that does not share out over the processes is a clear error
     bad = torchrun(["--grad_accum=1"], tmp_path / "bad")
     assert bad.returncode != 0 and "does not divide by the 2 processes" in bad.stderr
