@@ -3,6 +3,7 @@ at the same wall-clock budget of training (not the same number of steps), over s
 
     python code/compare_advantages.py                           # 90 s of training per run, seeds 0 1 2 (~25 min)
     python code/compare_advantages.py --budget_s=30 --seeds=0   # a quick look
+    python code/compare_advantages.py --set=beyond              # GRPO vs GRPO + DAPO's set, GAE vs GAE + warm-up
 
 First a short pilot run of each estimator (PILOT_STEPS steps; keep the machine quiet for these) measures the median
 step time and the peak memory; the budget then sets TOTAL_STEPS = budget / step time, and each seed trains that many
@@ -23,11 +24,23 @@ import ppo  # noqa: E402
 
 PILOT_STEPS = 30
 # the same rollout batch of 16 replies for every estimator; the group estimators sample 4 replies for each of 4 prompts
-ESTIMATORS = {
-    "gae": [],
-    "grpo": ["--advantage=grpo", "--samples_per_prompt=4"],
-    "rloo": ["--advantage=rloo", "--samples_per_prompt=4"],
-    "reinforce++": ["--advantage=reinforce++"],
+GRPO = ["--advantage=grpo", "--samples_per_prompt=4"]
+SETS = {
+    "advantages": {
+        "gae": [],
+        "grpo": GRPO,
+        "rloo": ["--advantage=rloo", "--samples_per_prompt=4"],
+        "reinforce++": ["--advantage=reinforce++"],
+    },
+    # beyond the seed: DAPO's clip-higher, overlong shaping and token-sum loss (its dynamic sampling is not in
+    # ppo.py yet), and a critic warm-up before the actor moves
+    "beyond": {
+        "grpo": GRPO,
+        "grpo+dapo": GRPO + ["--clip_range_high=0.28", "--overlong_buffer=12", "--overlong_penalty=1.0",
+                             "--loss_agg=seq-mean-token-sum-norm"],
+        "gae": [],
+        "gae+warmup": ["--critic_warmup_steps=10"],
+    },
 }
 
 
@@ -42,7 +55,7 @@ def run(args, out):
 
 
 def main(argv):
-    own = {"budget_s": 90.0, "seeds": "0,1,2", "output_dir": ppo.OUTPUT_DIR}
+    own = {"budget_s": 90.0, "seeds": "0,1,2", "output_dir": ppo.OUTPUT_DIR, "set": "advantages"}
     rest = []
     for a in argv:
         key = a[2:].split("=", 1)[0] if a.startswith("--") and "=" in a else None
@@ -51,17 +64,18 @@ def main(argv):
         else:
             rest.append(a)
     seeds = [int(s) for s in own["seeds"].split(",")]
-    root = os.path.join(own["output_dir"], "compare_advantages")
+    root = os.path.join(own["output_dir"], f"compare_{own['set']}")
+    variants = SETS[own["set"]]
     results = {}
     import pandas as pd
-    for name, extra in ESTIMATORS.items():  # all pilots first: their step times want a quiet machine
+    for name, extra in variants.items():  # all pilots first: their step times want a quiet machine
         pilot = run(extra + rest + [f"--total_steps={PILOT_STEPS}", "--eval_file="], os.path.join(root, name, "pilot"))
         df = pd.read_csv(os.path.join(root, name, "pilot", "ppo_metrics", "training_metrics.csv")).iloc[2:]
         step_s = float(df["time/step_s"].median())
         results[name] = {"step_s": round(step_s, 4), "steps": max(1, round(own["budget_s"] / step_s)),
                          "peak_rss_mb": pilot["peak_rss_mb"], "roles": pilot["models"]["roles_loaded"], "runs": []}
         print(name, "pilot:", results[name], flush=True)
-    for name, extra in ESTIMATORS.items():
+    for name, extra in variants.items():
         for seed in seeds:
             s = run(extra + rest + [f"--total_steps={results[name]['steps']}", f"--seed={seed}"],
                     os.path.join(root, name, f"seed{seed}"))
@@ -71,7 +85,7 @@ def main(argv):
                                           "gold_after": a["gold_score"]})
             print(name, results[name]["runs"][-1], flush=True)
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "compare_advantages.json"), "w") as f:
+    with open(os.path.join(root, f"compare_{own['set']}.json"), "w") as f:
         json.dump({"budget_s": own["budget_s"], "seeds": seeds, "overrides": rest, "results": results}, f, indent=1)
 
     def mean_sd(key, runs):

@@ -201,12 +201,15 @@ POSITIVE_INTS = ("MINI_BATCH_SIZE", "GRAD_ACCUM", "PPO_BUFFER_SIZE", "PPO_EPOCHS
                  "MAX_PROMPT_TOKENS", "KEEP_CHECKPOINTS", "MAX_BAD_STEPS", "SAMPLES_PER_PROMPT")
 NON_NEGATIVE = ("TOTAL_STEPS", "EVAL_EVERY", "SAMPLE_EVERY", "EVAL_SIZE", "SAVE_EVERY", "WARMUP_STEPS", "LORA_R",
                 "INIT_KL_COEF", "CLIP_RANGE", "CLIP_RANGE_VALUE", "VF_COEF", "MAX_GRAD_NORM", "SCORE_CLIP",
-                "MISSING_EOS_PENALTY", "WEIGHT_DECAY", "SCORE_TIMEOUT")
-POSITIVE = ("PPO_TARGET", "TEMPERATURE", "KL_HORIZON", "LEARNING_RATE", "ADAM_EPS", "LORA_ALPHA")
+                "MISSING_EOS_PENALTY", "WEIGHT_DECAY", "SCORE_TIMEOUT", "ENTROPY_COEF", "CRITIC_WARMUP_STEPS",
+                "CRITIC_LEARNING_RATE", "OVERLONG_BUFFER", "OVERLONG_PENALTY", "CLIP_RANGE_HIGH", "DUAL_CLIP")
+POSITIVE = ("PPO_TARGET", "TEMPERATURE", "KL_HORIZON", "LEARNING_RATE", "ADAM_EPS", "LORA_ALPHA", "SEQ_CLIP_RANGE")
 UNIT_INTERVAL = ("GAMMA", "LAM")
 CHOICES = {"ADVANTAGE": ("gae", "grpo", "rloo", "reinforce++"), "KL_IN": ("reward", "loss"),
            "KL_ESTIMATOR": ("k1", "k3"), "LR_SCHEDULE": ("constant", "linear", "cosine"),
-           "DTYPE": ("auto", "float32", "bfloat16", "float16"), "DISTRIBUTED": ("ddp", "fsdp")}
+           "DTYPE": ("auto", "float32", "bfloat16", "float16"), "DISTRIBUTED": ("ddp", "fsdp"),
+           "LOSS_AGG": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+           "RATIO_LEVEL": ("token", "sequence")}
 
 
 def check_config(c):
@@ -235,11 +238,29 @@ def check_config(c):
         raise ConfigError(f"SAMPLES_PER_PROMPT = {c['SAMPLES_PER_PROMPT']} is too few for ADVANTAGE = "
                           f"{c['ADVANTAGE']!r}: its baseline is the other replies to the same prompt; use 2 or more "
                           f"(4-16 is usual)")
+    check_beyond_the_seed(c)
     optimizer_steps = c["TOTAL_STEPS"] * c["PPO_EPOCHS"] * c["PPO_BUFFER_SIZE"]
     if c["WARMUP_STEPS"] > optimizer_steps:
         raise ConfigError(f"WARMUP_STEPS = {c['WARMUP_STEPS']} is more than the run's {optimizer_steps} optimizer "
                           f"steps (TOTAL_STEPS x PPO_EPOCHS x PPO_BUFFER_SIZE): the learning rate would never reach "
                           f"LEARNING_RATE; lower --warmup_steps")
+
+
+def check_beyond_the_seed(c):
+    """The settings beyond the seed's PPO that only make sense together with others."""
+    if c["CLIP_RANGE_HIGH"] and c["CLIP_RANGE_HIGH"] < c["CLIP_RANGE"]:
+        raise ConfigError(f"CLIP_RANGE_HIGH = {c['CLIP_RANGE_HIGH']} is below CLIP_RANGE = {c['CLIP_RANGE']}: "
+                          f"clip-higher widens the upper bound (DAPO: 0.28 over 0.2); 0 keeps CLIP_RANGE")
+    if c["DUAL_CLIP"] and c["DUAL_CLIP"] <= 1:
+        raise ConfigError(f"DUAL_CLIP = {c['DUAL_CLIP']} must be > 1 (3 is usual) or 0 (off): it caps the loss of a "
+                          f"negative advantage at DUAL_CLIP x |A|")
+    if c["OVERLONG_BUFFER"] > c["MAX_NEW_TOKENS"]:
+        raise ConfigError(f"OVERLONG_BUFFER = {c['OVERLONG_BUFFER']} is longer than MAX_NEW_TOKENS = "
+                          f"{c['MAX_NEW_TOKENS']}; the penalty zone is the last OVERLONG_BUFFER tokens of a reply")
+    for k in ("CRITIC_WARMUP_STEPS", "CRITIC_LEARNING_RATE"):
+        if c[k] and c["ADVANTAGE"] != "gae":
+            raise ConfigError(f"{k} = {c[k]} needs a critic, but ADVANTAGE = {c['ADVANTAGE']!r} trains none; use "
+                              f"--advantage=gae or --{k.lower()}=0")
 
 
 # ---- run setup and resume -------------------------------------------------------------------------------------------
@@ -286,13 +307,13 @@ class RunState:
     timing: dict = dataclasses.field(default_factory=lambda: {"generate": 0.0, "score": 0.0, "train": 0.0,
                                                               "eval": 0.0})
     wall_s: float = 0.0                                    # earlier sessions of this run + this one
+    worked_example: dict = dataclasses.field(default_factory=dict)  # {"first", "last"}: ppo.worked_example
 
 
 class Run:
-    """A run's bookkeeping around the loop in ppo.train(), complete when made: the run's state, resumed from the
-    newest checkpoint of the same config or fresh; then writing (`with run:` opens the CSV and installs the Ctrl-C /
-    SIGTERM handler, and leaving it closes and restores both on every way out), each step's record, checkpoints,
-    and the end of the run. `trainer` holds what trains (its optimizer and scheduler are checkpointed)."""
+    """A run's bookkeeping around the loop in ppo.train(), complete when made: its state, resumed from the newest
+    checkpoint of the same config or fresh; then writing (`with run:` opens the CSV and installs the Ctrl-C / SIGTERM
+    handler, and leaving it closes and restores both), each step's record, checkpoints, the end of the run."""
 
     def __init__(self, c, defaults, env, sizes, roles, trainer, kl_ctl, score_moments, prompts, eval_prompts):
         self.c, self.defaults, self.env, self.sizes, self.log = c, defaults, env, sizes, env.log
@@ -314,8 +335,7 @@ class Run:
             torch.manual_seed(c["SEED"] + env.rank)  # each rank samples its own replies
 
     def add_eval(self, res, detail):
-        """Keep a held-out evaluation: before training (a fresh run), during it, or after it; returns its CSV
-        columns."""
+        """Keep a held-out evaluation (before training, during it, or after); returns its CSV columns."""
         self.state.timing["eval"] += detail["seconds"]
         self.state.eval_points.append(res)
         if self.state.step == 0 and not self.resume_path:
@@ -344,9 +364,7 @@ class Run:
             self.csv.close()
 
     def steps(self):
-        """The steps still to run, each with this rank's share of its rollout batch: a fresh shuffle of the prompts
-        each pass (the same on all ranks). With SAMPLES_PER_PROMPT = n each prompt comes n times in a row, and a
-        prompt's n replies are on one rank."""
+        """The steps still to run, each with this rank's share of its rollout batch (next_prompts)."""
         for step in self.bar:
             self.t_step = time.perf_counter()
             yield step, next_prompts(self.state, self.prompts, self.sizes, self.env.rank, self.prompt_rng)
@@ -383,6 +401,11 @@ class Run:
                 f"the last good checkpoint is {kept[-1] if kept else 'none'}: lower LEARNING_RATE or check the "
                 f"reward model, then resume")
 
+    def keep_example(self, example):  # the first or the last step's worked example: summary.json, worked_example.md
+        self.state.worked_example["first" if example["step"] == 1 else "last"] = example
+        if self.env.master:
+            write_worked_example(os.path.join(self.metrics_dir, "worked_example.md"), self.state.worked_example)
+
     def checkpoint_or_stop(self, step):
         """Checkpoint every SAVE_EVERY steps, at the end, and when asked to stop (never right after a bad step);
         returns True when Ctrl-C / SIGTERM asked to stop (on any rank)."""
@@ -400,8 +423,7 @@ class Run:
                 write_reports(self.summary("running"), self.state, self.metrics_dir, c)
         return interrupted
 
-    def finished(self):
-        """Whether the loop ran to TOTAL_STEPS (not stopped by Ctrl-C / SIGTERM)."""
+    def finished(self):  # the loop ran to TOTAL_STEPS (not stopped by Ctrl-C / SIGTERM)
         return not self.stop.signum and self.state.step >= self.c["TOTAL_STEPS"]
 
     def tick(self):
@@ -447,8 +469,8 @@ def resume(path, roles, trainer, kl_ctl, score_moments, env, prompt_rng, c, conf
     load_trained_state(roles, trainer.optimizer, saved["models"], saved["optimizer"], env.fsdp)
     if "scheduler" in saved:  # checkpoints before LR_SCHEDULE had a constant rate: the new default
         trainer.scheduler.load_state_dict(saved["scheduler"])
-    state = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState) if f.name != "config"},
-                     config=config)
+    state = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)  # fields newer than the
+                        if f.name != "config" and f.name in saved}, config=config)  # checkpoint keep their defaults
     kl_ctl.value = state.kl_coef
     if score_moments is not None and state.score_moments:
         score_moments.__dict__.update(state.score_moments)
@@ -519,7 +541,7 @@ def describe(c, env, sizes, roles, params, prompts, eval_prompts, metrics_dir, m
              "metrics_csv": os.path.join(metrics_dir, "training_metrics.csv"),
              "config": os.path.join(metrics_dir, "config.json"), "samples": os.path.join(metrics_dir, "samples.jsonl"),
              "checkpoints": ckpt_dir, "model": model_dir if c["SAVE_MODEL"] else None}
-    columns = run_columns(roles.critic is not None, c["KL_IN"] == "loss", dist_on())
+    columns = run_columns(c, roles.critic is not None, dist_on())
     return {"derived": derived, "models": models, "data": data, "files": files, "columns": columns}
 
 
@@ -902,6 +924,8 @@ METRICS = {
     "objective/gold_scores": ("batch", (REWARD, "gold score"), "max"),
     "policy/approxkl_avg": ("micro", (CLIP, "approx KL"), "max"),
     "policy/clipfrac_avg": ("micro", (CLIP, "policy clipfrac"), "max"),
+    "policy/clipfrac_low": ("micro", None, None),
+    "policy/clipfrac_high": ("micro", None, None),
     "policy/entropy_avg": ("micro", ("entropy (nats/token)", "entropy"), "max"),
     "loss/policy_avg": ("micro", ("policy loss", "policy"), "max"),
     "loss/value_avg": ("micro", ("value loss", "value"), "min"),
@@ -923,19 +947,26 @@ METRICS = {
     "eval/rm_score": ("eval", None, None),
     "eval/gold_score": ("eval", None, None),
     "eval/kl": ("eval", None, None),
+    "eval/distinct_1": ("eval", None, None),
+    "eval/distinct_2": ("eval", None, None),
+    "eval/ent_2": ("eval", None, None),
     "train/bad_scores": ("once", None, None),
+    "train/critic_warmup": ("once", None, None),
     "dist/ranks_in_sync": ("dist", None, None),
     "time/step_s": ("time", None, None),
 }
 LOGGED_WHEN = {"loss/value_avg": "critic", "val/clipfrac_avg": "critic", "val/explained_var": "critic",
-               "val/mean_value": "critic", "loss/kl_avg": "kl_in_loss", "dist/ranks_in_sync": "torchrun"}
+               "val/mean_value": "critic", "loss/kl_avg": "kl_in_loss", "dist/ranks_in_sync": "torchrun",
+               "policy/clipfrac_low": "clip_higher", "policy/clipfrac_high": "clip_higher",
+               "train/critic_warmup": "critic_warmup"}
 PANELS = [REWARD, KL_PANEL, "β (KL coefficient)", "policy loss", "value loss", CLIP, "entropy (nats/token)",
           "reply length (tokens)"]  # the figure's order; a last panel shows the held-out evaluation
 
 
 def eval_columns(ev):
     """A held-out evaluation as the CSV's eval/ columns."""
-    return {"eval/rm_score": ev["rm_score"], "eval/gold_score": ev.get("gold_score", float("nan")), "eval/kl": ev["kl"]}
+    return {"eval/rm_score": ev["rm_score"], "eval/gold_score": ev.get("gold_score", float("nan")), "eval/kl": ev["kl"],
+            **{f"eval/{k}": ev[k] for k in ("distinct_1", "distinct_2", "ent_2")}}
 
 
 class Dashboards:
@@ -1006,10 +1037,12 @@ class Dashboards:
         self.tb = self.wb = None
 
 
-def run_columns(critic, kl_in_loss, torchrun):
+def run_columns(c, critic, torchrun):
     """The CSV columns of a run, in METRICS order: value metrics with a critic, the KL loss term with KL_IN = loss,
-    dist/ columns under torchrun, everything else always."""
-    have = {"critic": critic, "kl_in_loss": kl_in_loss, "torchrun": torchrun}
+    dist/ columns under torchrun, each side's clip fraction with CLIP_RANGE_HIGH, which steps were critic warm-up
+    with CRITIC_WARMUP_STEPS; everything else always."""
+    have = {"critic": critic, "kl_in_loss": c["KL_IN"] == "loss", "torchrun": torchrun,
+            "clip_higher": bool(c["CLIP_RANGE_HIGH"]), "critic_warmup": bool(c["CRITIC_WARMUP_STEPS"])}
     return [name for name in METRICS if have.get(LOGGED_WHEN.get(name), True)]
 
 
@@ -1150,6 +1183,23 @@ def health_verdicts(df, target, eval_before, eval_after, rm="RM"):
     return out
 
 
+def diversity_verdict(eval_before, eval_after, floor=0.6):
+    """Whether the held-out replies stayed diverse across prompts: distinct-2 after training against `floor` x the
+    starting policy's (a policy that answers every prompt with one template passes the within-reply repetition
+    check, not this one)."""
+    if not (eval_before and eval_after and "distinct_2" in eval_before and "distinct_2" in eval_after):
+        return []
+    d0, d1, e0, e1 = (eval_before["distinct_2"], eval_after["distinct_2"], eval_before["ent_2"], eval_after["ent_2"])
+    ratio = d1 / d0 if d0 > 0 else float("nan")
+    numbers = (f"held-out distinct-2 {d0:.3f} -> {d1:.3f} ({ratio:.2f} x the starting policy's), ent-2 {e0:.2f} -> "
+               f"{e1:.2f}")
+    if ratio < floor:
+        return [f"WARNING: {numbers}: the policy gives many prompts the same reply (复读机 across replies); keep the "
+                f"KL leash tighter (a lower PPO_TARGET, a larger INIT_KL_COEF), add an entropy bonus (ENTROPY_COEF) "
+                f"or stop earlier"]
+    return [f"OK: {numbers}"]
+
+
 def summarise(df, key, best):
     """A metric over the run: mean of the first and last tenth, and its best value (max or min, from METRICS)."""
     if key not in df or df[key].notna().sum() == 0:
@@ -1175,7 +1225,8 @@ def build_summary(status, state, c, defaults, about, notes, eval_after=None, det
     return {
         "status": status,
         "health": health_verdicts(df, c["PPO_TARGET"], eval_before, eval_after,
-                                  "reward-function" if models.get("reward_is_function") else "RM"),
+                                  "reward-function" if models.get("reward_is_function") else "RM")
+        + diversity_verdict(eval_before, eval_after),
         "eval_before": eval_before, "eval_after": eval_after, "eval_points": state.eval_points,
         "metrics": {k: summarise(df, k, best) for k, (_, _, best) in METRICS.items() if best},
         "steps": state.step, "episodes": state.step * derived["ROLLOUT_BATCH"],
@@ -1185,10 +1236,54 @@ def build_summary(status, state, c, defaults, about, notes, eval_after=None, det
         "resume_command": resume_command(c, defaults) if status != "finished" else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
         "models": models, "data": about["data"], "samples": samples, "files": about["files"],
+        "worked_example": state.worked_example,
         "config": {k: c[k] for k in defaults}, "derived": derived, "notes": notes,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
     }
+
+
+def write_worked_example(path, examples):
+    """worked_example.md: each kept step's reply, what happened to it in the seed's words, and a table with a row
+    per reply token (the same numbers as summary.json's worked_example)."""
+    parts = ["# One PPO step, token by token\n\nThe reply of the step's rollout batch with the largest mean "
+             "|advantage|: where the step teaches most. The same numbers are in summary.json under worked_example."]
+    for which, ex in sorted(examples.items(), key=lambda kv: kv[1]["step"]):
+        parts.append(f"\n## Step {ex['step']} ({which})\n\n**Prompt:** {json.dumps(ex['prompt'], ensure_ascii=False)}"
+                     f"\n\n**Reply:** {ex['reply']}\n\n{example_story(ex)}\n")
+        cols = [k for k in ("tokens", "logprobs", "ref_logprobs", "kl", "rewards", "values", "deltas",
+                            "advantages_raw", "advantages", "returns", "ratio", "clipped") if k in ex]
+        parts.append("| t | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
+        for t in range(len(ex["tokens"])):
+            cells = [repr(ex[k][t]) if k == "tokens" else str(ex[k][t]) if k == "clipped" else f"{ex[k][t]:.4f}"
+                     for k in cols]
+            parts.append(f"| {t} | " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+        if "group" in ex:
+            parts.append("\n| reply of the group | total reward | baseline | advantage |\n|---|---|---|---|")
+            parts += [f"| {'**' if g['shown'] else ''}{g['reply'][:60]}{'**' if g['shown'] else ''} | "
+                      f"{g['reward']:.3f} | {g['baseline']:.3f} | {g['advantage']:.3f} |" for g in ex["group"]]
+    atomic_write(path, lambda f: f.write("\n".join(parts) + "\n"))
+
+
+def example_story(ex):
+    """Two or three sentences in the seed's words: actual score, expected score, advantage, what PPO did."""
+    raw, white = ex["advantages_raw"][0], ex["advantages"][0]
+    sign = lambda x: "positive" if x > 0 else "negative"  # noqa: E731
+    said = f"The reward model scored this reply {ex['score']:.2f} (the actual score)"
+    if "values" in ex:
+        said += (f"; the critic expected {ex['values'][0]:.2f} before its first token (the expected score), so its "
+                 f"advantage, actual minus expected, is {sign(raw)}: A_0 = {raw:.2f}")
+    else:
+        said += (f"; there is no critic ({ex['advantage']}): its advantage, A_0 = {raw:.2f}, compares it with a "
+                 f"baseline from " + ("the other replies to the same prompt" if "group" in ex else "the batch"))
+    if (raw > 0) != (white > 0):
+        said += (f". Whitened over the batch it is {white:.2f}: the other replies did better against their "
+                 f"expectations" if white < 0 else f". Whitened over the batch it is {white:.2f}: the other replies "
+                 f"did worse against their expectations")
+    moved = "more" if ex["logprob_after"] > ex["logprob_before"] else "less"
+    return (f"{said}. PPO made the reply {moved} likely: its log-probability went {ex['logprob_before']:.2f} -> "
+            f"{ex['logprob_after']:.2f} over this step's epochs, on a KL leash of β = {ex['beta']:.3f} (each token's "
+            f"reward r_t is -β·KL_t, and the score is added on the last token).")
 
 
 def write_reports(summary, state, metrics_dir, c):

@@ -22,6 +22,8 @@ Everything the run writes goes under OUTPUT_DIR, read in this order:
 README.md explains the outputs, settings and errors; docs/ppo-implementation-details.md is the checklist that the
 comments cite as "implementation details #k"; tests/ holds the tests of each detail.
 """
+import collections
+import contextlib
 import dataclasses
 import math
 import sys
@@ -74,6 +76,18 @@ LAM = 0.95                               # GAE λ
 CLIP_RANGE = 0.2                         # ε of the clipped surrogate objective
 CLIP_RANGE_VALUE = 0.2                   # clip of the value update around the rollout values (reward units)
 VF_COEF = 0.1                            # weight of the value loss in the joint loss
+# beyond the seed (README, "Beyond the seed"): each off by default, the defaults compute what the seed's PPO does
+LOSS_AGG = "token-mean"                  # how losses average: token-mean, seq-mean-token-mean/-sum/-sum-norm
+CLIP_RANGE_HIGH = 0.0                    # DAPO clip-higher: the ratio's upper bound is 1 + this (0 = CLIP_RANGE)
+DUAL_CLIP = 0.0                          # dual-clip c > 1: for A < 0 the policy loss is capped at -c·A (0 = off)
+ENTROPY_COEF = 0.0                       # entropy bonus: -this x entropy in the loss (0 = off: entropy only logged)
+RATIO_LEVEL = "token"                    # "token", or "sequence" (GSPO: one ratio per reply, clipped per reply)
+SEQ_CLIP_RANGE = 4e-4                    # the clip range of a reply's ratio when RATIO_LEVEL = "sequence" (GSPO)
+CRITIC_WARMUP_STEPS = 0                  # first PPO steps that train the critic only; the actor and β stay put
+CRITIC_LEARNING_RATE = 0.0               # the critic's AdamW rate (0 = LEARNING_RATE)
+OVERLONG_BUFFER = 0                      # DAPO: the last N tokens before MAX_NEW_TOKENS cost up to OVERLONG_PENALTY
+OVERLONG_PENALTY = 0.0                   # DAPO: the score penalty of a reply MAX_NEW_TOKENS long (0 = off)
+MASK_TRUNCATED = False                   # replies cut off without a stop token take no part in the loss (TRL)
 SCORE_NORM = False                       # whiten RM scores with running mean/std before use (PPO-max)
 SCORE_CLIP = 0.0                         # clip scores to ±this after normalisation (0 = off; PPO-max 10)
 # optimisation
@@ -196,6 +210,35 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     return torch.where(mask, out.to(x.dtype), 0.0)
 
 
+def aggregate(x, mask, agg="token-mean", max_len=1):
+    """One loss from per-token values x [B, T] over the real tokens (mask), LOSS_AGG (veRL's loss_agg_mode):
+        token-mean               Σ x / Σ tokens of this micro-batch (today's; N+, TRL's PPO)
+        seq-mean-token-mean      mean over replies of each reply's token mean (GRPO, Shao et al. 2024)
+        seq-mean-token-sum       mean over replies of each reply's token sum
+        seq-mean-token-sum-norm  mean over replies of token sum / max_len, a constant (MAX_NEW_TOKENS; Dr. GRPO, Liu
+                                 et al. 2025: no length bias; veRL divides the sum over replies by the padded width)
+    The seq-mean modes are the mean over the replies of the optimizer step whatever their split into equal
+    micro-batches or processes (each micro-batch's mean over its replies, averaged); token-mean, as in N+ and TRL,
+    weights a token by 1 / its micro-batch's token count, so it depends on the split."""
+    if agg == "token-mean":
+        return masked_mean(x, mask)
+    sums = torch.where(mask, x, 0.0).sum(1)
+    if agg == "seq-mean-token-mean":
+        return (sums / mask.sum(1).clamp(min=1)).mean()
+    if agg == "seq-mean-token-sum":
+        return sums.mean()
+    if agg == "seq-mean-token-sum-norm":
+        return sums.mean() / max_len
+    raise ValueError(f"unknown loss aggregation {agg!r}")
+
+
+def overlong_penalty(lengths, max_len, buffer, penalty):
+    """DAPO's soft overlong punishment (Yu et al. 2025, "DAPO", arXiv:2503.14476), added to the score: 0 up to
+    max_len - buffer tokens, then falling linearly to -penalty at max_len. lengths: [B] reply lengths."""
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0)
+    return -penalty * over / max(buffer, 1)
+
+
 def kl_per_token(logprobs, ref_logprobs, estimator="k1"):
     """Per-token estimate of KL(π‖π_ref) from tokens sampled from π (http://joschu.net/blog/kl-approx.html).
     k1 = logp - logp_ref: unbiased, can be negative per token; as a reward its gradient is the exact KL gradient.
@@ -296,31 +339,46 @@ def compute_advantages(rewards, values, mask, estimator="gae", gamma=1.0, lam=0.
     return torch.where(mask, seq[:, None], 0.0), None
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2, clip_high=0.0, dual_clip=0.0,
+                ratio_level="token", agg="token-mean", max_len=1):
     """The clipped surrogate objective (Schulman et al. 2017), as a loss to minimise:
         L = -E_t[min(r_t·A_t, clip(r_t, 1-ε, 1+ε)·A_t)],  r_t = π_θ(a_t|s_t) / π_old(a_t|s_t)
     min is the pessimistic choice: a big advantage cannot push the ratio past 1±ε, and a wrong step is pulled back.
-    Written as max of the negated terms. Returns (loss, stats): clipfrac (share of tokens where the clip is active),
-    approxkl (k2 = ½·mean(log r²), Schulman's estimate of KL(π_old‖π_θ)), mean ratio."""
+    Written as max of the negated terms, averaged by `agg` (aggregate). Variants, all off by default:
+        clip_high   DAPO's clip-higher (Yu et al. 2025): the upper bound 1 + clip_high (0: 1 + ε), room for
+                    unlikely tokens to grow
+        dual_clip   for A < 0 the loss is capped at -dual_clip·A (Ye et al. 2020, arXiv:1912.09729; > 1): a ratio
+                    far above 1 on a bad token cannot make the loss unbounded
+        ratio_level "sequence": GSPO (Zheng et al. 2025, arXiv:2507.18071), one ratio per reply, exp of the mean
+                    per-token log-ratio of the reply, clipped per reply
+    Returns (loss, stats): clipfrac (share of tokens where the clip is active; below and above 1 apart), approxkl
+    (k2 = ½·mean(log r²) per token, Schulman's estimate of KL(π_old‖π_θ)), mean ratio."""
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio if ratio_level == "token" else
+                      torch.where(mask, masked_mean(log_ratio, mask, 1)[:, None], 0.0))
     pg_losses = -advantages * ratio
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + (clip_high or clip_range))
+    losses = torch.max(pg_losses, pg_losses_clipped)
+    if dual_clip:
+        losses = torch.where(advantages < 0, torch.min(losses, -dual_clip * advantages), losses)
+    loss = aggregate(losses, mask, agg, max_len)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((pg_losses_clipped > pg_losses).float(), mask),
+        clipped = pg_losses_clipped > pg_losses
+        stats = {"clipfrac": masked_mean(clipped.float(), mask),
+                 "clipfrac_low": masked_mean((clipped & (ratio < 1)).float(), mask),
+                 "clipfrac_high": masked_mean((clipped & (ratio > 1)).float(), mask),
                  "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
                  "ratio": masked_mean(ratio, mask)}
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, clip_range=0.2):
-    """Clipped value loss: ½·E[max((V - R)², (clip(V, V_old ± c) - R)²)] (OAI, N+, TRL).
+def value_loss(values, old_values, returns, mask, clip_range=0.2, agg="token-mean", max_len=1):
+    """Clipped value loss: ½·E[max((V - R)², (clip(V, V_old ± c) - R)²)] (OAI, N+, TRL), averaged by `agg`.
     Returns (loss, clipfrac)."""
     values_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     losses = (values - returns) ** 2
     losses_clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask)
+    loss = 0.5 * aggregate(torch.max(losses, losses_clipped), mask, agg, max_len)
     return loss, masked_mean((losses_clipped > losses).float(), mask).detach()
 
 
@@ -365,19 +423,39 @@ def repetition_rate(tokens):
     tri = list(zip(tokens, tokens[1:], tokens[2:]))
     return 1.0 - len(set(tri)) / len(tri) if tri else 0.0
 
+
+def diversity(replies):
+    """How different a set of replies is from one another (the 复读机 across replies, which repetition_rate, inside
+    one reply, does not see): distinct-1 and distinct-2, the share of the replies' token n-grams that are distinct
+    (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models", arXiv:1510.03055),
+    and ent-2, the entropy in nats of their bigram distribution (Zhang et al. 2018, "Generating Informative and
+    Diverse Conversational Responses via Adversarial Information Maximization", arXiv:1809.05972): distinct-n
+    counts kinds, ent-2 also sees how evenly they are used. replies: lists of token ids."""
+    out = {}
+    for n in (1, 2):
+        grams = [tuple(r[i:i + n]) for r in replies for i in range(len(r) - n + 1)]
+        out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    counts = np.array(list(collections.Counter(grams).values()), dtype=np.float64)  # bigrams, from the last pass
+    p = counts / counts.sum() if len(counts) else counts
+    out["ent_2"] = float(-(p * np.log(p)).sum())
+    return out
+
+
 # ---- the forwards the loop calls: logprobs, values, sampling ---------------------------------------------------------
 def autocast(device, dtype):
     """Forward passes in `dtype` (bf16 on GPUs) with fp32 weights; a no-op in fp32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def response_logprobs(model, query_responses, attention_mask, context_length, temperature, with_entropy=False):
+def response_logprobs(model, query_responses, attention_mask, context_length, temperature, with_entropy=False,
+                      entropy_grad=False):
     """Log π(token_t | earlier tokens) of every response token, from temperature-scaled logits (OAI, N+).
     Token t is predicted at position t-1, so the response's logits are logits[:, ctx-1:-1] (implementation
     details #5); only those T+1 positions are projected to the vocabulary (logits_to_keep). Log-softmax in fp32
     whatever the weights' dtype, then the sampled token gathered: one fused log_softmax is faster than gather minus
     logsumexp at the same peak memory (logsumexp's backward builds the full [B, T, V] softmax anyway; README,
-    Performance)."""
+    Performance). with_entropy: also the entropy at each position (with its gradient when entropy_grad: the
+    entropy bonus)."""
     T = query_responses.shape[1] - context_length
     out = model(input_ids=model_inputs(query_responses, attention_mask), attention_mask=attention_mask,
                 position_ids=position_ids_of(attention_mask), logits_to_keep=T + 1, use_cache=False)
@@ -386,10 +464,8 @@ def response_logprobs(model, query_responses, attention_mask, context_length, te
     logprobs = logp.gather(-1, tokens[..., None]).squeeze(-1)
     if not with_entropy:
         return logprobs
-    with torch.no_grad():
+    with contextlib.nullcontext() if entropy_grad else torch.no_grad():
         return logprobs, entropy_from_logprobs(logp)
-
-
 
 def critic_values(critic, query_responses, attention_mask, context_length):
     """V_t, the value of the state *before* response token t: the same ctx-1:-1 slice as the logprobs (OAI, N+)."""
@@ -483,6 +559,9 @@ def rollout(roles, prompts, beta, c, score_moments=None):
             roles.critic, batch["query_responses"], batch["attention_mask"], batch["context_length"])
     batch = judge(roles, prompts, batch, c)
     scores = batch["raw_scores"] - c["MISSING_EOS_PENALTY"] * (~batch["ended"]).float()
+    if c["OVERLONG_BUFFER"] and c["OVERLONG_PENALTY"]:  # DAPO: long replies cost, up to OVERLONG_PENALTY at the limit
+        scores = scores + overlong_penalty(batch["mask"].sum(1), c["MAX_NEW_TOKENS"], c["OVERLONG_BUFFER"],
+                                           c["OVERLONG_PENALTY"])
     if score_moments is not None:  # SCORE_NORM: running whitening of the score (PPO-max)
         score_moments.update(torch.tensor(all_gather_list(scores.tolist())))
         scores = (scores - score_moments.mean) / math.sqrt(score_moments.var + 1e-8)
@@ -528,7 +607,7 @@ def trim_padding(query_responses, attention_mask, context_length, mask):
     return query_responses[:, first:end], attention_mask[:, first:end], context_length - first, T
 
 
-def ppo_update(trainer, batch, c, sizes=None):
+def ppo_update(trainer, batch, c, sizes=None, warmup=False):
     """Step 7: PPO_EPOCHS passes over freshly shuffled minibatches of the rollout; one optimizer step per minibatch
     of MINI_BATCH_SIZE·GRAD_ACCUM sequences (sizes.accum micro-batches on each rank under torchrun). Losses are token
     means per micro-batch, averaged over the micro-batches of a step (N+, TRL); DDP/FSDP average the gradients over
@@ -546,7 +625,8 @@ def ppo_update(trainer, batch, c, sizes=None):
             for k in range(accum):
                 idx = order[start + k * mb:start + (k + 1) * mb].to(batch["responses"].device)
                 with gradient_sync(models, sync=k == accum - 1):
-                    stats.append(micro_batch_backward(trainer.actor, trainer.critic, batch, idx, ctx, c, accum))
+                    stats.append(micro_batch_backward(trainer.actor, trainer.critic, batch, idx, ctx, c, accum,
+                                                      warmup))
             steps.append(optimizer_step(trainer.optimizer, trainer.params, c["MAX_GRAD_NORM"], trainer.scheduler))
     for m in models:
         m.eval()
@@ -559,32 +639,46 @@ def ppo_update(trainer, batch, c, sizes=None):
     return stats
 
 
-def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum):
+def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum, warmup=False):
     """Forward and backward of one micro-batch (rows idx of the rollout): the clipped policy loss plus VF_COEF times
     the clipped value loss (no critic: none), plus β times the k3 KL to the reference when KL_IN = "loss" (GRPO's
-    estimator, unbiased and never negative, its gradient through the current logprobs), divided by the micro-batches
-    of the optimizer step. Returns its statistics, {METRICS name: 0-d tensor}, only those it computes."""
+    estimator, unbiased and never negative, its gradient through the current logprobs), minus ENTROPY_COEF times the
+    entropy, each averaged by LOSS_AGG and divided by the micro-batches of the optimizer step. warmup (critic
+    warm-up): the value loss alone trains; the policy's numbers are only measured. Returns its statistics, {METRICS
+    name: 0-d tensor}, only those it computes."""
     mb_ids, mb_attn, mb_ctx, T = trim_padding(batch["query_responses"][idx], batch["attention_mask"][idx], ctx,
                                               batch["mask"][idx])
     m = batch["mask"][idx, :T]
-    new_logprobs, entropy = response_logprobs(actor, mb_ids, mb_attn, mb_ctx, c["TEMPERATURE"], with_entropy=True)
-    pg_loss, pg = policy_loss(new_logprobs, batch["logprobs"][idx, :T], batch["advantages"][idx, :T], m,
-                              c["CLIP_RANGE"])
-    loss = pg_loss
+    if c["MASK_TRUNCATED"]:  # replies cut off at MAX_NEW_TOKENS take no part (TRL's mask_truncated_completions)
+        m = m & batch["ended"][idx, None]
+    agg = {"agg": c["LOSS_AGG"], "max_len": c["MAX_NEW_TOKENS"]}
+    seq = c["RATIO_LEVEL"] == "sequence"  # GSPO clips a reply's ratio by its own, much smaller, range
+    with torch.no_grad() if warmup else contextlib.nullcontext():
+        new_logprobs, entropy = response_logprobs(actor, mb_ids, mb_attn, mb_ctx, c["TEMPERATURE"], with_entropy=True,
+                                                  entropy_grad=c["ENTROPY_COEF"] > 0)
+        pg_loss, pg = policy_loss(new_logprobs, batch["logprobs"][idx, :T], batch["advantages"][idx, :T], m,
+                                  c["SEQ_CLIP_RANGE"] if seq else c["CLIP_RANGE"],
+                                  c["SEQ_CLIP_RANGE"] if seq else c["CLIP_RANGE_HIGH"], c["DUAL_CLIP"],
+                                  c["RATIO_LEVEL"], **agg)
+    loss = 0.0 if warmup else pg_loss
     stats = {"policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"],
-             "policy/entropy_avg": masked_mean(entropy, m), "loss/policy_avg": pg_loss.detach(),
+             "policy/entropy_avg": masked_mean(entropy, m).detach(), "loss/policy_avg": pg_loss.detach(),
              "val/ratio": pg["ratio"]}
+    if c["CLIP_RANGE_HIGH"]:
+        stats.update({"policy/clipfrac_low": pg["clipfrac_low"], "policy/clipfrac_high": pg["clipfrac_high"]})
+    if c["ENTROPY_COEF"] and not warmup:
+        loss = loss - c["ENTROPY_COEF"] * aggregate(entropy, m, **agg)
     if critic is not None:
         new_values = critic_values(critic, mb_ids, mb_attn, mb_ctx)
         vf_loss, stats["val/clipfrac_avg"] = value_loss(new_values, batch["values"][idx, :T],
-                                                        batch["returns"][idx, :T], m, c["CLIP_RANGE_VALUE"])
+                                                        batch["returns"][idx, :T], m, c["CLIP_RANGE_VALUE"], **agg)
         loss = loss + c["VF_COEF"] * vf_loss
         stats["loss/value_avg"] = vf_loss.detach()
     if c["KL_IN"] == "loss":
         # masked slots get the INVALID_LOGPROB both sides hold there (k3 = 0), so exp() never sees padding's logprobs
-        kl_loss = masked_mean(kl_per_token(torch.where(m, new_logprobs, INVALID_LOGPROB),
-                                           batch["ref_logprobs"][idx, :T], "k3"), m)
-        loss = loss + batch["beta"] * kl_loss
+        kl_loss = aggregate(kl_per_token(torch.where(m, new_logprobs, INVALID_LOGPROB),
+                                         batch["ref_logprobs"][idx, :T], "k3"), m, **agg)
+        loss = loss + (0.0 if warmup else batch["beta"] * kl_loss)
         stats["loss/kl_avg"] = kl_loss.detach()
     (loss / accum).backward()
     return stats
@@ -609,9 +703,10 @@ def optimizer_step(optimizer, params, max_grad_norm, scheduler=None):
 
 
 # ---- one PPO step: steps 1-8 on this rank's prompts, and its metrics row --------------------------------------------
-def ppo_step(roles, trainer, prompts, beta, c, sizes, score_moments=None, gold=None):
+def ppo_step(roles, trainer, prompts, beta, c, sizes, score_moments=None, gold=None, warmup=False):
     """One whole PPO step: the rollout and its advantages (steps 1-6), the clipped updates (step 7), and the step's
-    metrics row (step 8; β is adapted by the loop from row["objective/kl"]). Returns (row, rollout batch)."""
+    metrics row (step 8; β is adapted by the loop from row["objective/kl"]). warmup: a critic warm-up step, where
+    only the critic trains. Returns (row, rollout batch)."""
     with autocast(roles.device, roles.dtype):
         batch = rollout(roles, prompts, beta, c, score_moments)
     # step 7 on every rank, or on none: a batch with a non-finite score anywhere is not trained on
@@ -620,11 +715,13 @@ def ppo_step(roles, trainer, prompts, beta, c, sizes, score_moments=None, gold=N
     scores_ok = all_reduce_sum(torch.isfinite(batch["scores"]).all().logical_not().float()).item() == 0
     if scores_ok:
         with autocast(roles.device, roles.dtype):
-            mb_stats = ppo_update(trainer, batch, c, sizes)
+            mb_stats = ppo_update(trainer, batch, c, sizes, warmup)
     else:  # the update's other columns are NaN in this row
         mb_stats = [{"policy/grad_norm": float("nan"), "train/skipped_frac": 1.0}]
     row = step_metrics(batch, mb_stats, beta, gold, prompts, lr, time.perf_counter() - t0)
     row["train/bad_scores"] = float(not scores_ok)
+    if c["CRITIC_WARMUP_STEPS"]:
+        row["train/critic_warmup"] = float(warmup)
     return row, batch
 
 
@@ -657,6 +754,52 @@ def step_metrics(batch, mb_stats, beta, gold, batch_prompts, lr, t_train):
     return dict(all_mean(row), **{"objective/kl_coef": beta, "lr": lr})
 
 
+# ---- the worked example: one reply of a PPO step with every number, token by token ---------------------------------
+def worked_example(roles, batch, prompts, c, step):
+    """One reply of this step's rollout with the numbers of steps 1-7 at each of its tokens (summary.json and
+    worked_example.md), so that anyone can recompute δ_t and the advantages from r_t and V_t. The reply shown is the
+    one with the largest mean |advantage| over its tokens: where the step teaches most. ratio is π_θ/π_old after
+    the step's PPO epochs (one more forward of that reply); clipped: whether the clip is active there now, so that
+    a further epoch would get no gradient from that token. Every process runs it (a sharded actor needs all)."""
+    mask, adv = batch["mask"], batch["advantages"]
+    i = int((torch.where(mask, adv.abs(), 0.0).sum(1) / mask.sum(1).clamp(min=1)).argmax())
+    T, ctx = int(mask[i].sum()), batch["context_length"]
+    with torch.no_grad(), autocast(roles.device, roles.dtype):
+        new = response_logprobs(roles.actor, batch["query_responses"][i:i + 1], batch["attention_mask"][i:i + 1],
+                                ctx, c["TEMPERATURE"])[0, :T].float()
+    old, A = batch["logprobs"][i, :T], adv[i, :T]
+    ratio = torch.exp(new - old)
+    high = c["CLIP_RANGE"] if not c["CLIP_RANGE_HIGH"] else c["CLIP_RANGE_HIGH"]
+    clipped = torch.where(A > 0, ratio > 1 + high, ratio < 1 - c["CLIP_RANGE"])
+    rewards = batch["rewards"][i:i + 1, :T]
+    ex = {"step": step, "prompt": prompts[i].conv, "reply": batch["replies"][i], "beta": batch["beta"],
+          "gamma": c["GAMMA"], "lam": c["LAM"], "score": batch["scores"][i].item(), "advantage": c["ADVANTAGE"],
+          "tokens": [roles.tok.decode([t]) for t in batch["responses"][i, :T].tolist()],
+          "logprobs": old.tolist(), "ref_logprobs": batch["ref_logprobs"][i, :T].tolist(),
+          "kl": batch["kl"][i, :T].tolist(), "rewards": rewards[0].tolist(), "advantages": A.tolist(),
+          "ratio": ratio.tolist(), "clipped": clipped.tolist(), "logprob_before": old.sum().item(),
+          "logprob_after": new.sum().item()}
+    one = torch.ones(1, T, dtype=torch.bool, device=mask.device)
+    if batch["values"] is not None:
+        values = batch["values"][i:i + 1, :T]
+        raw, _ = compute_gae(rewards, values, one, c["GAMMA"], c["LAM"])
+        next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)  # V = 0 after the last token
+        ex.update(values=values[0].tolist(), deltas=(rewards + c["GAMMA"] * next_values - values)[0].tolist(),
+                  advantages_raw=raw[0].tolist(), returns=batch["returns"][i, :T].tolist())
+    elif c["ADVANTAGE"] == "reinforce++":
+        ex["advantages_raw"] = compute_gae(rewards, torch.zeros_like(rewards), one, c["GAMMA"], 1.0)[0][0].tolist()
+    else:  # grpo, rloo: the reply's total reward against the others in its group; the same advantage on each token
+        n = c["SAMPLES_PER_PROMPT"]
+        g = range(i // n * n, i // n * n + n)
+        totals = torch.where(mask, batch["rewards"], 0.0).sum(1)[list(g)]
+        ex["advantages_raw"] = A.tolist()
+        ex["group"] = [{"reply": batch["replies"][j], "reward": totals[k].item(),
+                        "baseline": (totals.sum() - totals[k]).item() / (n - 1) if c["ADVANTAGE"] == "rloo"
+                        else totals.mean().item(), "advantage": adv[j, 0].item(), "shown": j == i}
+                       for k, j in enumerate(g)]
+    return ex
+
+
 # ---- evaluation -----------------------------------------------------------------------------------------------------
 def evaluate(roles, prompts, c, gold, step):
     """Held-out evaluation at a fixed seed (SEED + 1; the RNG state is restored afterwards, so it does not change
@@ -667,7 +810,7 @@ def evaluate(roles, prompts, c, gold, step):
     rank, world = (torch.distributed.get_rank(), world_size()) if dist_on() else (0, 1)
     share = len(prompts) // world
     mine = prompts[rank * share:(rank + 1) * share]
-    out = {"rm": [], "kl": [], "len": [], "eos": [], "replies": []}
+    out = {"rm": [], "kl": [], "len": [], "eos": [], "replies": [], "tokens": []}
     with torch.random.fork_rng(devices=[roles.device] if roles.device.type == "cuda" else []), \
             autocast(roles.device, roles.dtype):
         torch.manual_seed(c["SEED"] + 1 + rank)
@@ -680,10 +823,12 @@ def evaluate(roles, prompts, c, gold, step):
             out["len"] += batch["mask"].sum(1).tolist()
             out["eos"] += batch["ended"].float().tolist()
             out["replies"] += batch["replies"]
+            out["tokens"] += [r[m].tolist() for r, m in zip(batch["responses"].cpu(), batch["mask"].cpu())]
     out["gold"] = gold([p.text for p in mine], out["replies"]) if gold else [None] * len(mine)
     out = {k: all_gather_list(v) for k, v in out.items()}
     res = {"rm_score": float(np.mean(out["rm"])), "kl": float(np.mean(out["kl"])),
-           "resp_length": float(np.mean(out["len"])), "eos_frac": float(np.mean(out["eos"]))}
+           "resp_length": float(np.mean(out["len"])), "eos_frac": float(np.mean(out["eos"])),
+           **diversity(out.pop("tokens"))}
     if gold:
         res["gold_score"] = float(np.mean(out["gold"]))
     out.update(prompts=[p.conv for p in prompts], seconds=time.perf_counter() - t0)
@@ -700,7 +845,10 @@ def train(c):
     # (PolicyAndValueWrapper): one step, one gradient clip; fused: one kernel for all parameters, not a loop
     actor, critic = wrap_for_training(roles.actor, roles.critic, c, env.device)
     params = trainable_parameters([m for m in (actor, critic) if m is not None])
-    optimizer = torch.optim.AdamW(params, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"], weight_decay=c["WEIGHT_DECAY"],
+    groups = [{"params": trainable_parameters([actor])},  # CRITIC_LEARNING_RATE: one parameter group per model
+              {"params": trainable_parameters([critic]), "lr": c["CRITIC_LEARNING_RATE"]}] \
+        if c["CRITIC_LEARNING_RATE"] else params
+    optimizer = torch.optim.AdamW(groups, lr=c["LEARNING_RATE"], eps=c["ADAM_EPS"], weight_decay=c["WEIGHT_DECAY"],
                                   fused=env.device.type in ("cpu", "cuda") and not env.fsdp)
     trainer = Trainer(actor, critic, params, optimizer, lr_schedule(optimizer, c))
     kl_ctl = AdaptiveKLController(c["INIT_KL_COEF"], c["PPO_TARGET"], c["KL_HORIZON"], c["ADAPTIVE_KL"])
@@ -716,11 +864,15 @@ def train(c):
     with hold_output_dir(c, env, run.dashboards):  # OUTPUT_DIR for this run alone, and TensorBoard / W&B
         with run:  # writes into OUTPUT_DIR; every way out closes the CSV and restores the signal handlers
             for step, batch_prompts in run.steps():  # this rank's share of each rollout batch, reshuffled each pass
-                row, batch = ppo_step(roles, trainer, batch_prompts, kl_ctl.value, c, sizes, score_moments, gold)
-                if math.isfinite(row["objective/kl"]):  # step 8: β from the batch's mean KL per reply, all ranks (OAI)
-                    kl_ctl.update(row["objective/kl"], sizes.rollout)
+                warmup = step <= c["CRITIC_WARMUP_STEPS"]  # the first steps train the critic alone
+                row, batch = ppo_step(roles, trainer, batch_prompts, kl_ctl.value, c, sizes, score_moments, gold,
+                                      warmup)
+                if math.isfinite(row["objective/kl"]) and not warmup:  # step 8: β from the batch's mean KL per
+                    kl_ctl.update(row["objective/kl"], sizes.rollout)  # reply, all ranks (OAI)
                 if eval_prompts and c["EVAL_EVERY"] and step % c["EVAL_EVERY"] == 0 and step < c["TOTAL_STEPS"]:
                     row.update(run.add_eval(*evaluate(roles, eval_prompts, c, gold, step)))
+                if step == 1 or step == c["TOTAL_STEPS"]:  # one reply with every number: worked_example.md
+                    run.keep_example(worked_example(roles, batch, batch_prompts, c, step))
                 run.record(step, row, batch, batch_prompts)  # the CSV row and samples; stops after MAX_BAD_STEPS
                 if run.checkpoint_or_stop(step):  # a checkpoint when due; True after Ctrl-C / SIGTERM
                     break

@@ -97,7 +97,8 @@ def test_torchrun_ddp_keeps_ranks_identical_and_writes_one_set_of_outputs(tmp_pa
     assert s["derived"]["world_size"] == 2 and s["eval_before"]["kl"] == pytest.approx(0, abs=1e-5)
     assert r.stdout.count("eval before:") == 1  # only rank 0 prints
     assert sorted(os.listdir(tmp_path / "ppo_metrics")) == ["config.json", "samples.jsonl", "summary.json",
-                                                            "training_curves.png", "training_metrics.csv"]
+                                                            "training_curves.png", "training_metrics.csv",
+                                                            "worked_example.md"]
     # one lock for the job (rank 0's: had rank 1 tried to take it, it would have refused), given back at the end
     assert "is in use by another run" not in r.stderr and not (tmp_path / plumbing.LOCK_FILE).exists()
     # a global batch that does not share out over the processes is a clear error
