@@ -202,7 +202,8 @@ POSITIVE_INTS = ("MINI_BATCH_SIZE", "GRAD_ACCUM", "PPO_BUFFER_SIZE", "PPO_EPOCHS
 NON_NEGATIVE = ("TOTAL_STEPS", "EVAL_EVERY", "SAMPLE_EVERY", "EVAL_SIZE", "SAVE_EVERY", "WARMUP_STEPS", "LORA_R",
                 "INIT_KL_COEF", "CLIP_RANGE", "CLIP_RANGE_VALUE", "VF_COEF", "MAX_GRAD_NORM", "SCORE_CLIP",
                 "MISSING_EOS_PENALTY", "WEIGHT_DECAY", "SCORE_TIMEOUT", "ENTROPY_COEF", "CRITIC_WARMUP_STEPS",
-                "CRITIC_LEARNING_RATE", "OVERLONG_BUFFER", "OVERLONG_PENALTY", "CLIP_RANGE_HIGH", "DUAL_CLIP")
+                "CRITIC_LEARNING_RATE", "OVERLONG_BUFFER", "OVERLONG_PENALTY", "CLIP_RANGE_HIGH", "DUAL_CLIP",
+                "MAX_EXTRA_ROLLOUTS")
 POSITIVE = ("PPO_TARGET", "TEMPERATURE", "KL_HORIZON", "LEARNING_RATE", "ADAM_EPS", "LORA_ALPHA", "SEQ_CLIP_RANGE")
 UNIT_INTERVAL = ("GAMMA", "LAM")
 CHOICES = {"ADVANTAGE": ("gae", "grpo", "rloo", "reinforce++"), "KL_IN": ("reward", "loss"),
@@ -257,6 +258,9 @@ def check_beyond_the_seed(c):
     if c["OVERLONG_BUFFER"] > c["MAX_NEW_TOKENS"]:
         raise ConfigError(f"OVERLONG_BUFFER = {c['OVERLONG_BUFFER']} is longer than MAX_NEW_TOKENS = "
                           f"{c['MAX_NEW_TOKENS']}; the penalty zone is the last OVERLONG_BUFFER tokens of a reply")
+    if c["DYNAMIC_SAMPLING"] and c["ADVANTAGE"] not in ("grpo", "rloo"):
+        raise ConfigError("DYNAMIC_SAMPLING drops groups of replies that all scored the same; it needs a group "
+                          "baseline: --advantage=grpo or rloo with --samples_per_prompt=4 or more")
     for k in ("CRITIC_WARMUP_STEPS", "CRITIC_LEARNING_RATE"):
         if c[k] and c["ADVANTAGE"] != "gae":
             raise ConfigError(f"{k} = {c[k]} needs a critic, but ADVANTAGE = {c['ADVANTAGE']!r} trains none; use "
@@ -367,17 +371,18 @@ class Run:
         """The steps still to run, each with this rank's share of its rollout batch (next_prompts)."""
         for step in self.bar:
             self.t_step = time.perf_counter()
-            yield step, next_prompts(self.state, self.prompts, self.sizes, self.env.rank, self.prompt_rng)
+            yield step, self.more_prompts()
 
-    def record(self, step, row, batch, prompts):
+    def more_prompts(self):  # this rank's share of the next rollout batch
+        return next_prompts(self.state, self.prompts, self.sizes, self.env.rank, self.prompt_rng)
+
+    def record(self, step, row, batch):
         """Complete the step's row (METRICS order), write the CSV row and samples, update the bar; stop with
         TrainingDiverged after MAX_BAD_STEPS steps in a row with non-finite numbers."""
         c, state = self.c, self.state
         row.update({"step": step, "episodes": step * self.sizes.rollout})
         if dist_on():  # every rank must hold the same β and (DDP) the same weights; FSDP shards differ by design
-            seen = all_gather_list([(self.kl_ctl.value, None if self.env.fsdp else
-                                     params_checksum(self.roles.trained().values()))])
-            row["dist/ranks_in_sync"] = float(all(x == seen[0] for x in seen))
+            row["dist/ranks_in_sync"] = ranks_in_sync(self.kl_ctl.value, self.roles, self.env.fsdp)
         for k in ("generate", "score", "train"):
             state.timing[k] += row[f"time/{k}_s"]
         row["time/step_s"] = time.perf_counter() - self.t_step  # the whole step: phases, metrics, gold, evaluation
@@ -390,16 +395,15 @@ class Run:
             self.csv.write([row])
             self.dashboards.log(row, step)
             if c["SAMPLE_EVERY"] and (step == 1 or step % c["SAMPLE_EVERY"] == 0):
-                write_samples(self.about["files"]["samples"], step, prompts, batch, self.dashboards)
+                write_samples(self.about["files"]["samples"], step, batch["prompts"], batch, self.dashboards)
+            if row.get("train/groups_short", 0) > 0:
+                self.log(f"note: step {step}: {row['train/groups_short']:.0f} groups of the batch teach nothing (their "
+                         f"replies scored the same) after MAX_EXTRA_ROLLOUTS = {c['MAX_EXTRA_ROLLOUTS']} extra rounds")
             self.bar.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{row['objective/kl']:.2f}",
                                  beta=f"{row['objective/kl_coef']:.3f}",
                                  **({"gold": f"{row['objective/gold_scores']:.2f}"} if c["GOLD_REWARD"] else {}))
         if state.bad_streak >= c["MAX_BAD_STEPS"]:
-            kept = list_checkpoints(self.ckpt_dir)
-            raise TrainingDiverged(
-                f"{state.bad_streak} PPO steps in a row had a non-finite score, loss or gradient (step {step}); "
-                f"the last good checkpoint is {kept[-1] if kept else 'none'}: lower LEARNING_RATE or check the "
-                f"reward model, then resume")
+            raise diverged(state.bad_streak, step, self.ckpt_dir)
 
     def keep_example(self, example):  # the first or the last step's worked example: summary.json, worked_example.md
         self.state.worked_example["first" if example["step"] == 1 else "last"] = example
@@ -480,6 +484,19 @@ def resume(path, roles, trainer, kl_ctl, score_moments, env, prompt_rng, c, conf
         env.log(f"the run in {c['OUTPUT_DIR']} already has {state.step} steps (TOTAL_STEPS = {c['TOTAL_STEPS']}); "
                 f"extend it with --total_steps=N, or start over with --resume=never")
     return state
+
+
+def ranks_in_sync(kl_coef, roles, fsdp):
+    """1.0 when every rank holds the same β and (DDP) the same weights (their checksums); FSDP shards differ."""
+    seen = all_gather_list([(kl_coef, None if fsdp else params_checksum(roles.trained().values()))])
+    return float(all(x == seen[0] for x in seen))
+
+
+def diverged(streak, step, ckpt_dir):
+    kept = list_checkpoints(ckpt_dir)
+    return TrainingDiverged(f"{streak} PPO steps in a row had a non-finite score, loss or gradient (step {step}); "
+                            f"the last good checkpoint is {kept[-1] if kept else 'none'}: lower LEARNING_RATE or "
+                            f"check the reward model, then resume")
 
 
 def next_prompts(state, prompts, sizes, rank, prompt_rng):
@@ -952,13 +969,18 @@ METRICS = {
     "eval/ent_2": ("eval", None, None),
     "train/bad_scores": ("once", None, None),
     "train/critic_warmup": ("once", None, None),
+    "train/groups_dropped": ("batch", None, None),
+    "train/extra_rollouts": ("once", None, None),
+    "train/groups_short": ("batch", None, None),
+    "time/extra_sampling_s": ("time", None, None),
     "dist/ranks_in_sync": ("dist", None, None),
     "time/step_s": ("time", None, None),
 }
 LOGGED_WHEN = {"loss/value_avg": "critic", "val/clipfrac_avg": "critic", "val/explained_var": "critic",
                "val/mean_value": "critic", "loss/kl_avg": "kl_in_loss", "dist/ranks_in_sync": "torchrun",
                "policy/clipfrac_low": "clip_higher", "policy/clipfrac_high": "clip_higher",
-               "train/critic_warmup": "critic_warmup"}
+               "train/critic_warmup": "critic_warmup", "train/groups_dropped": "dynamic",
+               "train/extra_rollouts": "dynamic", "train/groups_short": "dynamic", "time/extra_sampling_s": "dynamic"}
 PANELS = [REWARD, KL_PANEL, "β (KL coefficient)", "policy loss", "value loss", CLIP, "entropy (nats/token)",
           "reply length (tokens)"]  # the figure's order; a last panel shows the held-out evaluation
 
@@ -1042,7 +1064,8 @@ def run_columns(c, critic, torchrun):
     dist/ columns under torchrun, each side's clip fraction with CLIP_RANGE_HIGH, which steps were critic warm-up
     with CRITIC_WARMUP_STEPS; everything else always."""
     have = {"critic": critic, "kl_in_loss": c["KL_IN"] == "loss", "torchrun": torchrun,
-            "clip_higher": bool(c["CLIP_RANGE_HIGH"]), "critic_warmup": bool(c["CRITIC_WARMUP_STEPS"])}
+            "clip_higher": bool(c["CLIP_RANGE_HIGH"]), "critic_warmup": bool(c["CRITIC_WARMUP_STEPS"]),
+            "dynamic": c["DYNAMIC_SAMPLING"]}
     return [name for name in METRICS if have.get(LOGGED_WHEN.get(name), True)]
 
 

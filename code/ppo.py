@@ -88,6 +88,8 @@ CRITIC_LEARNING_RATE = 0.0               # the critic's AdamW rate (0 = LEARNING
 OVERLONG_BUFFER = 0                      # DAPO: the last N tokens before MAX_NEW_TOKENS cost up to OVERLONG_PENALTY
 OVERLONG_PENALTY = 0.0                   # DAPO: the score penalty of a reply MAX_NEW_TOKENS long (0 = off)
 MASK_TRUNCATED = False                   # replies cut off without a stop token take no part in the loss (TRL)
+DYNAMIC_SAMPLING = False                 # DAPO: groups whose replies all scored the same are replaced by new ones
+MAX_EXTRA_ROLLOUTS = 3                   # DAPO: extra sampling rounds a step may take to fill its batch that way
 SCORE_NORM = False                       # whiten RM scores with running mean/std before use (PPO-max)
 SCORE_CLIP = 0.0                         # clip scores to ±this after normalisation (0 = off; PPO-max 10)
 # optimisation
@@ -578,10 +580,57 @@ def rollout(roles, prompts, beta, c, score_moments=None):
     # whole batch, all ranks: N+, TRL), or a critic-free baseline (compute_advantages)
     advantages, returns = compute_advantages(rewards, values, mask, c["ADVANTAGE"], c["GAMMA"], c["LAM"],
                                              c["SAMPLES_PER_PROMPT"], c["GRPO_STD"])
-    batch.update(values=values, scores=scores, rewards=rewards, kl=kl, non_score_reward=non_score_reward,
+    batch.update(prompts=list(prompts), values=values, scores=scores, rewards=rewards, kl=kl,
+                 non_score_reward=non_score_reward,
                  advantages=advantages, returns=returns, beta=beta, time_generate=t_generate,
                  time_score=time.perf_counter() - t0)
     return batch
+
+
+def merge_rollouts(batches):
+    """Several rollouts' batches as one: prompts left-padded to the widest, replies right-padded to the longest, with
+    the padding each tensor holds (PAD_ID ids, False masks, INVALID_LOGPROB logprobs, 0 elsewhere)."""
+    ctx, T = max(b["context_length"] for b in batches), max(b["responses"].shape[1] for b in batches)
+    fill = {"responses": PAD_ID, "mask": False, "logprobs": INVALID_LOGPROB, "ref_logprobs": INVALID_LOGPROB}
+
+    def widen(b, key):
+        x, pad = b[key], torch.nn.functional.pad
+        if key in ("query_responses", "attention_mask"):  # [prompt | reply]: the prompt padded left, the reply right
+            value, q, r = PAD_ID if key == "query_responses" else False, x[:, :b["context_length"]], \
+                x[:, b["context_length"]:]
+            return torch.cat([pad(q, (ctx - q.shape[1], 0), value=value), pad(r, (0, T - r.shape[1]), value=value)], 1)
+        return pad(x, (0, T - x.shape[1]), value=fill.get(key, 0.0)) if x.dim() == 2 else x
+    out = {k: (torch.cat([widen(b, k) for b in batches]) if torch.is_tensor(v) else
+               sum((b[k] for b in batches), []) if isinstance(v, list) else v) for k, v in batches[0].items()}
+    return dict(out, context_length=ctx, time_generate=sum(b["time_generate"] for b in batches),
+                time_score=sum(b["time_score"] for b in batches))
+
+
+def dynamic_sampling(roles, prompts, more_prompts, beta, c, score_moments=None):
+    """DAPO's dynamic sampling (Yu et al. 2025): a group whose replies all got the same score has advantage 0 and
+    teaches nothing; such groups are dropped and more prompts sampled (more_prompts(): this rank's next share) until
+    the rollout batch is full of informative groups, for at most MAX_EXTRA_ROLLOUTS extra rounds; the rounds are the
+    same on every process (a sharded actor samples with all of them). Short after the last round, the batch is
+    filled up with dropped groups (they add no policy gradient), and train/groups_short says how many."""
+    n, need, t0 = c["SAMPLES_PER_PROMPT"], len(prompts) // c["SAMPLES_PER_PROMPT"], time.perf_counter()
+    batches = [rollout(roles, prompts, beta, c, score_moments)]
+    t_first = time.perf_counter() - t0
+    for extra in range(c["MAX_EXTRA_ROLLOUTS"] + 1):
+        batch = merge_rollouts(batches) if len(batches) > 1 else batches[0]
+        scores = batch["scores"].reshape(-1, n)
+        informative = ((scores.max(1).values - scores.min(1).values) > 1e-6).nonzero().flatten().tolist()
+        short = max(0, need - len(informative))
+        if extra == c["MAX_EXTRA_ROLLOUTS"] or all_reduce_sum(torch.tensor([float(short)],
+                                                                          device=scores.device)).item() == 0:
+            break
+        batches.append(rollout(roles, more_prompts(), beta, c, score_moments))
+    dropped = [g for g in range(len(scores)) if g not in informative]
+    groups = sorted(informative[:need] + dropped[:short])
+    rows = torch.tensor([g * n + k for g in groups for k in range(n)], device=batch["mask"].device)
+    batch = {k: v.index_select(0, rows) if torch.is_tensor(v) else [v[i] for i in rows.tolist()]
+             if isinstance(v, list) else v for k, v in batch.items()}
+    return batch, {"train/groups_dropped": len(dropped) / len(scores), "train/extra_rollouts": float(extra),
+                   "train/groups_short": float(short), "time/extra_sampling_s": time.perf_counter() - t0 - t_first}
 
 
 # ---- PPO update: step 7 ---------------------------------------------------------------------------------------------
@@ -703,12 +752,14 @@ def optimizer_step(optimizer, params, max_grad_norm, scheduler=None):
 
 
 # ---- one PPO step: steps 1-8 on this rank's prompts, and its metrics row --------------------------------------------
-def ppo_step(roles, trainer, prompts, beta, c, sizes, score_moments=None, gold=None, warmup=False):
+def ppo_step(roles, trainer, prompts, beta, c, sizes, score_moments=None, gold=None, warmup=False,
+             more_prompts=None):
     """One whole PPO step: the rollout and its advantages (steps 1-6), the clipped updates (step 7), and the step's
     metrics row (step 8; β is adapted by the loop from row["objective/kl"]). warmup: a critic warm-up step, where
-    only the critic trains. Returns (row, rollout batch)."""
+    only the critic trains; more_prompts: where DYNAMIC_SAMPLING takes more. Returns (row, rollout batch)."""
     with autocast(roles.device, roles.dtype):
-        batch = rollout(roles, prompts, beta, c, score_moments)
+        batch, sampling = dynamic_sampling(roles, prompts, more_prompts, beta, c, score_moments) \
+            if c["DYNAMIC_SAMPLING"] else (rollout(roles, prompts, beta, c, score_moments), {})
     # step 7 on every rank, or on none: a batch with a non-finite score anywhere is not trained on
     t0 = time.perf_counter()
     lr = trainer.optimizer.param_groups[0]["lr"]  # the rate of this step's first optimizer step
@@ -718,8 +769,8 @@ def ppo_step(roles, trainer, prompts, beta, c, sizes, score_moments=None, gold=N
             mb_stats = ppo_update(trainer, batch, c, sizes, warmup)
     else:  # the update's other columns are NaN in this row
         mb_stats = [{"policy/grad_norm": float("nan"), "train/skipped_frac": 1.0}]
-    row = step_metrics(batch, mb_stats, beta, gold, prompts, lr, time.perf_counter() - t0)
-    row["train/bad_scores"] = float(not scores_ok)
+    row = dict(step_metrics(batch, mb_stats, beta, gold, batch["prompts"], lr, time.perf_counter() - t0),
+               **sampling, **{"train/bad_scores": float(not scores_ok)})
     if c["CRITIC_WARMUP_STEPS"]:
         row["train/critic_warmup"] = float(warmup)
     return row, batch
@@ -755,7 +806,7 @@ def step_metrics(batch, mb_stats, beta, gold, batch_prompts, lr, t_train):
 
 
 # ---- the worked example: one reply of a PPO step with every number, token by token ---------------------------------
-def worked_example(roles, batch, prompts, c, step):
+def worked_example(roles, batch, c, step):
     """One reply of this step's rollout with the numbers of steps 1-7 at each of its tokens (summary.json and
     worked_example.md), so that anyone can recompute δ_t and the advantages from r_t and V_t. The reply shown is the
     one with the largest mean |advantage| over its tokens: where the step teaches most. ratio is π_θ/π_old after
@@ -772,7 +823,7 @@ def worked_example(roles, batch, prompts, c, step):
     high = c["CLIP_RANGE"] if not c["CLIP_RANGE_HIGH"] else c["CLIP_RANGE_HIGH"]
     clipped = torch.where(A > 0, ratio > 1 + high, ratio < 1 - c["CLIP_RANGE"])
     rewards = batch["rewards"][i:i + 1, :T]
-    ex = {"step": step, "prompt": prompts[i].conv, "reply": batch["replies"][i], "beta": batch["beta"],
+    ex = {"step": step, "prompt": batch["prompts"][i].conv, "reply": batch["replies"][i], "beta": batch["beta"],
           "gamma": c["GAMMA"], "lam": c["LAM"], "score": batch["scores"][i].item(), "advantage": c["ADVANTAGE"],
           "tokens": [roles.tok.decode([t]) for t in batch["responses"][i, :T].tolist()],
           "logprobs": old.tolist(), "ref_logprobs": batch["ref_logprobs"][i, :T].tolist(),
@@ -866,14 +917,14 @@ def train(c):
             for step, batch_prompts in run.steps():  # this rank's share of each rollout batch, reshuffled each pass
                 warmup = step <= c["CRITIC_WARMUP_STEPS"]  # the first steps train the critic alone
                 row, batch = ppo_step(roles, trainer, batch_prompts, kl_ctl.value, c, sizes, score_moments, gold,
-                                      warmup)
+                                      warmup, run.more_prompts)
                 if math.isfinite(row["objective/kl"]) and not warmup:  # step 8: β from the batch's mean KL per
                     kl_ctl.update(row["objective/kl"], sizes.rollout)  # reply, all ranks (OAI)
                 if eval_prompts and c["EVAL_EVERY"] and step % c["EVAL_EVERY"] == 0 and step < c["TOTAL_STEPS"]:
                     row.update(run.add_eval(*evaluate(roles, eval_prompts, c, gold, step)))
                 if step == 1 or step == c["TOTAL_STEPS"]:  # one reply with every number: worked_example.md
-                    run.keep_example(worked_example(roles, batch, batch_prompts, c, step))
-                run.record(step, row, batch, batch_prompts)  # the CSV row and samples; stops after MAX_BAD_STEPS
+                    run.keep_example(worked_example(roles, batch, c, step))
+                run.record(step, row, batch)  # the CSV row and samples; stops after MAX_BAD_STEPS
                 if run.checkpoint_or_stop(step):  # a checkpoint when due; True after Ctrl-C / SIGTERM
                     break
         eval_after = None

@@ -169,3 +169,44 @@ def test_settings_beyond_the_seed_refuse_what_cannot_work():
                         (dict(LOSS_AGG="sum"), "LOSS_AGG = 'sum' must be one of")]:
         with pytest.raises(loading.ConfigError, match=needle):
             ppo.train(make_config(**bad))
+
+
+@pytest.fixture
+def coarse_reward(tmp_path):
+    """A reward of 0 or 1 (a reply longer than 9 words): many groups of 4 replies then all score the same."""
+    path = tmp_path / "coarse.py"
+    path.write_text("def score(prompts, responses):\n    return [float(len(r.split()) > 9) for r in responses]\n")
+    return str(path)
+
+
+def test_merged_rollouts_keep_every_row_and_its_padding(batch8):
+    roles, batch = batch8
+    c = make_config()
+    torch.manual_seed(1)
+    other = ppo.rollout(roles, batch["prompts"][:3], 0.1, c)
+    merged = ppo.merge_rollouts([batch, other])
+    assert len(merged["replies"]) == 11 and merged["mask"].shape[0] == 11
+    for part, where in ((batch, range(8)), (other, range(8, 11))):
+        for i, j in zip(range(len(part["replies"])), where):  # each row's real tokens and numbers, unchanged
+            m = part["mask"][i]
+            assert torch.equal(merged["responses"][j, :m.sum()], part["responses"][i, m])
+            assert torch.equal(merged["advantages"][j][merged["mask"][j]], part["advantages"][i][m])
+            real = merged["attention_mask"][j]
+            assert torch.equal(merged["query_responses"][j][real], part["query_responses"][i][part["attention_mask"][i]])
+    assert (merged["logprobs"][~merged["mask"]] == ppo.INVALID_LOGPROB).all()
+
+
+def test_dynamic_sampling_replaces_groups_that_teach_nothing_and_resumes_exactly(tmp_path, coarse_reward, capsys):
+    kw = dict(ADVANTAGE="grpo", SAMPLES_PER_PROMPT=4, MINI_BATCH_SIZE=8, DYNAMIC_SAMPLING=True, MAX_EXTRA_ROLLOUTS=2,
+              REWARD_MODEL=coarse_reward, EVAL_FILE="", MAX_NEW_TOKENS=16)
+    ppo.train(make_config(tmp_path / "a", TOTAL_STEPS=4, **kw))
+    a = rows(tmp_path / "a")
+    assert any(float(r["train/groups_dropped"]) > 0 for r in a) and any(float(r["train/extra_rollouts"]) > 0 for r in a)
+    assert all(float(r["train/extra_rollouts"]) <= 2 for r in a)
+    ppo.train(make_config(tmp_path / "b", TOTAL_STEPS=2, **kw))
+    ppo.train(make_config(tmp_path / "b", TOTAL_STEPS=4, **kw))
+    assert_same_rows(a, rows(tmp_path / "b"))
+    # with no extra round allowed, the short batch is said, and trained on as it is
+    ppo.train(make_config(tmp_path / "c", TOTAL_STEPS=2, **dict(kw, MAX_EXTRA_ROLLOUTS=0)))
+    short = [float(r["train/groups_short"]) for r in rows(tmp_path / "c")]
+    assert any(short) and "groups of the batch teach nothing" in capsys.readouterr().out
