@@ -572,22 +572,28 @@ def hold_output_dir(c, env, dashboards):
     run refuses in one line naming it, and a lock left by a run that is no longer running (kill -9) is taken over
     with a note. Taken before the run writes anything, so a refused run changes nothing."""
     path = os.path.join(c["OUTPUT_DIR"], LOCK_FILE)
-    failure = None
-    if env.master:
-        try:
-            take_lock(path, c["OUTPUT_DIR"], env.log)
-        except ConfigError as e:
-            failure = e
-    if dist_on() and all_reduce_sum(torch.tensor([float(failure is not None)], device=DIST_DEVICE)).item():
-        failure = failure or ConfigError("rank 0 could not lock OUTPUT_DIR")  # only rank 0 says why
-    if failure:
-        raise failure
+    on_rank_0(env, lambda: take_lock(path, c["OUTPUT_DIR"], env.log), "lock OUTPUT_DIR")
     try:
         with dashboards:
             yield
     finally:
         if env.master and lock_owner(path) == os.getpid():
             os.remove(path)
+
+
+def on_rank_0(env, fn, what):
+    """fn() on rank 0 alone; a ConfigError it raises stops every rank (a collective: all ranks call this), with
+    rank 0's line (only rank 0 prints)."""
+    failure = None
+    if env.master:
+        try:
+            fn()
+        except ConfigError as e:
+            failure = e
+    if dist_on() and all_reduce_sum(torch.tensor([float(failure is not None)], device=DIST_DEVICE)).item():
+        failure = failure or ConfigError(f"rank 0 could not {what}")
+    if failure:
+        raise failure
 
 
 def take_lock(path, output_dir, log):
@@ -770,18 +776,12 @@ def save_checkpoint(ckpt_dir, keep, state, roles, trainer, prompt_rng, env):
     saved = {"models": model_state, "optimizer": optim_state, "scheduler": trainer.scheduler.state_dict(),
              "rng": all_gather_list([rng_state(prompt_rng)]), **vars(state)}
     final = os.path.join(ckpt_dir, f"step_{state.step:08d}")
-    failure = None
-    if env.master:
-        try:
-            write_checkpoint(final, saved, {"step": state.step, "config": state.config})
-            for old in list_checkpoints(ckpt_dir)[:-keep]:
-                shutil.rmtree(old)
-        except ConfigError as e:
-            failure = e
-    if dist_on() and all_reduce_sum(torch.tensor([float(failure is not None)], device=DIST_DEVICE)).item():
-        failure = failure or ConfigError("rank 0 could not write the checkpoint")  # only rank 0 says why
-    if failure:
-        raise failure
+
+    def write():
+        write_checkpoint(final, saved, {"step": state.step, "config": state.config})
+        for old in list_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old)
+    on_rank_0(env, write, "write the checkpoint")
     return final
 
 

@@ -210,3 +210,20 @@ def test_dynamic_sampling_replaces_groups_that_teach_nothing_and_resumes_exactly
     ppo.train(make_config(tmp_path / "c", TOTAL_STEPS=2, **dict(kw, MAX_EXTRA_ROLLOUTS=0)))
     short = [float(r["train/groups_short"]) for r in rows(tmp_path / "c")]
     assert any(short) and "groups of the batch teach nothing" in capsys.readouterr().out
+
+
+def test_with_every_new_setting_at_its_default_the_run_is_the_previous_releases(tmp_path):
+    """tests/data/previous_release_3_steps.csv: the small run's CSV written by the release before these settings
+    (commit c31f9de). The same machine gives it to the last digit; other CPUs may round differently, hence 1e-5."""
+    import csv
+    import os
+    from conftest import ROOT
+    ppo.train(make_config(tmp_path, TOTAL_STEPS=3))
+    before = list(csv.DictReader(open(os.path.join(ROOT, "tests/data/previous_release_3_steps.csv"))))
+    now = rows(tmp_path)
+    assert len(now) == len(before) == 3
+    for old, new in zip(before, now):
+        assert set(old) <= set(new)  # every column it had; new ones only added
+        for k in old:
+            if not k.startswith("time/"):
+                assert float(new[k]) == pytest.approx(float(old[k]), rel=1e-5, abs=1e-6, nan_ok=True), (k, old[k])
