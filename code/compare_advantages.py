@@ -9,8 +9,8 @@ First a short pilot run of each estimator (PILOT_STEPS steps; keep the machine q
 step time and the peak memory; the budget then sets TOTAL_STEPS = budget / step time, and each seed trains that many
 steps in a process of its own (evaluated on the held-out prompts before and after, EVAL_EVERY=0). Step counts come
 from the pilot, so the learning numbers do not depend on what else runs on the machine later. Any ppo.py setting can
-be overridden as --name=value (applied to every run). Writes OUTPUT_DIR/compare_advantages/ (each run's outputs and
-compare_advantages.json; OUTPUT_DIR defaults to output) and prints a Markdown table.
+be overridden as --name=value (applied to every run). Writes OUTPUT_DIR/compare_SET/ (each run's outputs and
+compare_SET.json; SET is --set, advantages by default; OUTPUT_DIR defaults to output) and prints a Markdown table.
 """
 import json
 import os
@@ -25,6 +25,7 @@ import ppo  # noqa: E402
 PILOT_STEPS = 30
 # the same rollout batch of 16 replies for every estimator; the group estimators sample 4 replies for each of 4 prompts
 GRPO = ["--advantage=grpo", "--samples_per_prompt=4"]
+DAPO = ["--clip_range_high=0.28", "--overlong_buffer=12", "--overlong_penalty=1.0", "--loss_agg=seq-mean-token-sum-norm"]
 SETS = {
     "advantages": {
         "gae": [],
@@ -32,12 +33,12 @@ SETS = {
         "rloo": ["--advantage=rloo", "--samples_per_prompt=4"],
         "reinforce++": ["--advantage=reinforce++"],
     },
-    # beyond the seed: DAPO's clip-higher, overlong shaping and token-sum loss (its dynamic sampling is not in
-    # ppo.py yet), and a critic warm-up before the actor moves
+    # beyond the seed: DAPO's clip-higher, overlong shaping and token-sum loss, then with its dynamic sampling too,
+    # and a critic warm-up before the actor moves
     "beyond": {
         "grpo": GRPO,
-        "grpo+dapo": GRPO + ["--clip_range_high=0.28", "--overlong_buffer=12", "--overlong_penalty=1.0",
-                             "--loss_agg=seq-mean-token-sum-norm"],
+        "grpo+dapo": GRPO + DAPO,
+        "grpo+dapo+dynamic": GRPO + DAPO + ["--dynamic_sampling=true", "--max_extra_rollouts=3"],
         "gae": [],
         "gae+warmup": ["--critic_warmup_steps=10"],
     },
