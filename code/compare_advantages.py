@@ -25,7 +25,8 @@ import ppo  # noqa: E402
 PILOT_STEPS = 30
 # the same rollout batch of 16 replies for every estimator; the group estimators sample 4 replies for each of 4 prompts
 GRPO = ["--advantage=grpo", "--samples_per_prompt=4"]
-DAPO = ["--clip_range_high=0.28", "--overlong_buffer=12", "--overlong_penalty=1.0", "--loss_agg=seq-mean-token-sum-norm"]
+DAPO = ["--clip_range_high=0.28", "--overlong_buffer=12", "--overlong_penalty=1.0",
+        "--loss_agg=seq-mean-token-sum-norm"]
 SETS = {
     "advantages": {
         "gae": [],
