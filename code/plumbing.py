@@ -499,6 +499,32 @@ def diverged(streak, step, ckpt_dir):
                             f"check the reward model, then resume")
 
 
+def merge_rollouts(batches, fill):
+    """Several rollouts' batches (ppo.rollout) as one, for DYNAMIC_SAMPLING: prompts left-padded to the widest,
+    replies right-padded to the longest, each [B, T] tensor with its own padding (fill: {name: value}, else 0)."""
+    ctx, T = max(b["context_length"] for b in batches), max(b["responses"].shape[1] for b in batches)
+
+    def widen(b, key):
+        x, pad = b[key], torch.nn.functional.pad
+        if key in ("query_responses", "attention_mask"):  # [prompt | reply]: the prompt padded left, the reply right
+            value, q, r = fill["responses"] if key == "query_responses" else False, x[:, :b["context_length"]], \
+                x[:, b["context_length"]:]
+            return torch.cat([pad(q, (ctx - q.shape[1], 0), value=value), pad(r, (0, T - r.shape[1]), value=value)], 1)
+        return pad(x, (0, T - x.shape[1]), value=fill.get(key, 0.0)) if x.dim() == 2 else x
+    out = {k: (torch.cat([widen(b, k) for b in batches]) if torch.is_tensor(v) else
+               sum((b[k] for b in batches), []) if isinstance(v, list) else v) for k, v in batches[0].items()}
+    return dict(out, context_length=ctx, time_generate=sum(b["time_generate"] for b in batches),
+                time_score=sum(b["time_score"] for b in batches))
+
+
+def describe_sizes(z):
+    """One line for the batch sizes (ppo.BatchSizes), said at start."""
+    prompts = f"replies ({z.rollout // z.samples} prompts x {z.samples})" if z.samples > 1 else "prompts"
+    return (f"rollout batch {z.rollout} {prompts} per PPO step ({z.per_rank} per process); each epoch "
+            f"{z.rollout // (z.micro * z.accum * z.world)} optimizer steps of {z.micro * z.accum * z.world} sequences, "
+            f"{z.accum} micro-batches of {z.micro} per process")
+
+
 def next_prompts(state, prompts, sizes, rank, prompt_rng):
     """This rank's share of the next rollout batch, from the shuffled order in `state` (reshuffled when a pass
     ends; the same order on every rank); a prompt's SAMPLES_PER_PROMPT replies are consecutive and on one rank."""
@@ -522,7 +548,7 @@ def describe(c, env, sizes, roles, params, prompts, eval_prompts, metrics_dir, m
                "CRITIC_MODEL": roles.critic_path, "threads": torch.get_num_threads()}
     log("config:", " ".join(f"{k}={v!r}" for k, v in c.items()))
     log("derived:", " ".join(f"{k}={v}" for k, v in derived.items()))
-    log("batch:", sizes.describe())
+    log("batch:", describe_sizes(sizes))
     for n in roles.notes:
         log("note:", n)
     log("stop tokens (a reply ends at any):",
@@ -1264,6 +1290,16 @@ def build_summary(status, state, c, defaults, about, notes, eval_after=None, det
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
     }
+
+
+def group_rows(batch, i, n, estimator):
+    """The worked example of a critic-free run: each reply of row i's group of n, its total reward, its baseline
+    (RLOO: the mean of the others; GRPO: the group's mean) and its advantage."""
+    g = list(range(i // n * n, i // n * n + n))
+    totals = torch.where(batch["mask"], batch["rewards"], 0.0).sum(1)[g]
+    return [{"reply": batch["replies"][j], "reward": totals[k].item(),
+             "baseline": (totals.sum() - totals[k]).item() / (n - 1) if estimator == "rloo" else totals.mean().item(),
+             "advantage": batch["advantages"][j, 0].item(), "shown": j == i} for k, j in enumerate(g)]
 
 
 def write_worked_example(path, examples):

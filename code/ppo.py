@@ -34,8 +34,9 @@ import torch
 
 from loading import (PAD_ID, ConfigError, frozen_forward, left_pad, last_index, load_prompt_files, load_roles,
                      load_score_fn, model_inputs, position_ids_of, trainable_parameters)
-from plumbing import (Run, all_gather_list, all_mean, all_reduce_sum, dist_on, gradient_sync, hold_output_dir, leave,
-                      lr_schedule, main, save_models, setup, world_size, wrap_for_training)
+from plumbing import (Run, all_gather_list, all_mean, all_reduce_sum, dist_on, gradient_sync, group_rows,
+                      hold_output_dir, leave, lr_schedule, main, merge_rollouts, save_models, setup, world_size,
+                      wrap_for_training)
 
 _IMPORTED = set(globals())  # names above the config block (PAD_ID is the trainer's, not a setting)
 
@@ -140,14 +141,6 @@ class BatchSizes:
     accum: int     # micro-batches per optimizer step on each process: GRAD_ACCUM / processes
     world: int     # processes
 
-    def describe(self):
-        n = self.samples
-        prompts = f"replies ({self.rollout // n} prompts x {n})" if n > 1 else "prompts"
-        return (f"rollout batch {self.rollout} {prompts} per PPO step ({self.per_rank} per process); each epoch "
-                f"{self.rollout // (self.micro * self.accum * self.world)} optimizer steps of "
-                f"{self.micro * self.accum * self.world} sequences, {self.accum} micro-batches of {self.micro} "
-                f"per process")
-
 
 def batch_sizes(c, world):
     """BatchSizes for `world` processes, checked in one place: every division exact, one message each."""
@@ -219,9 +212,8 @@ def aggregate(x, mask, agg="token-mean", max_len=1):
         seq-mean-token-sum       mean over replies of each reply's token sum
         seq-mean-token-sum-norm  mean over replies of token sum / max_len, a constant (MAX_NEW_TOKENS; Dr. GRPO, Liu
                                  et al. 2025: no length bias; veRL divides the sum over replies by the padded width)
-    The seq-mean modes are the mean over the replies of the optimizer step whatever their split into equal
-    micro-batches or processes (each micro-batch's mean over its replies, averaged); token-mean, as in N+ and TRL,
-    weights a token by 1 / its micro-batch's token count, so it depends on the split."""
+    The seq-mean modes do not depend on the split into equal micro-batches or processes; token-mean (N+, TRL)
+    weights a token by 1 / its micro-batch's token count, so it does."""
     if agg == "token-mean":
         return masked_mean(x, mask)
     sums = torch.where(mask, x, 0.0).sum(1)
@@ -427,12 +419,9 @@ def repetition_rate(tokens):
 
 
 def diversity(replies):
-    """How different a set of replies is from one another (the 复读机 across replies, which repetition_rate, inside
-    one reply, does not see): distinct-1 and distinct-2, the share of the replies' token n-grams that are distinct
-    (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models", arXiv:1510.03055),
-    and ent-2, the entropy in nats of their bigram distribution (Zhang et al. 2018, "Generating Informative and
-    Diverse Conversational Responses via Adversarial Information Maximization", arXiv:1809.05972): distinct-n
-    counts kinds, ent-2 also sees how evenly they are used. replies: lists of token ids."""
+    """How different replies are from one another (the 复读机 across replies, unseen by repetition_rate): distinct-1/2,
+    the share of their token n-grams that are distinct (Li et al. 2016, arXiv:1510.03055), and ent-2, the entropy in
+    nats of their bigrams (Zhang et al. 2018, arXiv:1809.05972: also how evenly used). replies: token id lists."""
     out = {}
     for n in (1, 2):
         grams = [tuple(r[i:i + n]) for r in replies for i in range(len(r) - n + 1)]
@@ -587,36 +576,16 @@ def rollout(roles, prompts, beta, c, score_moments=None):
     return batch
 
 
-def merge_rollouts(batches):
-    """Several rollouts' batches as one: prompts left-padded to the widest, replies right-padded to the longest, with
-    the padding each tensor holds (PAD_ID ids, False masks, INVALID_LOGPROB logprobs, 0 elsewhere)."""
-    ctx, T = max(b["context_length"] for b in batches), max(b["responses"].shape[1] for b in batches)
-    fill = {"responses": PAD_ID, "mask": False, "logprobs": INVALID_LOGPROB, "ref_logprobs": INVALID_LOGPROB}
-
-    def widen(b, key):
-        x, pad = b[key], torch.nn.functional.pad
-        if key in ("query_responses", "attention_mask"):  # [prompt | reply]: the prompt padded left, the reply right
-            value, q, r = PAD_ID if key == "query_responses" else False, x[:, :b["context_length"]], \
-                x[:, b["context_length"]:]
-            return torch.cat([pad(q, (ctx - q.shape[1], 0), value=value), pad(r, (0, T - r.shape[1]), value=value)], 1)
-        return pad(x, (0, T - x.shape[1]), value=fill.get(key, 0.0)) if x.dim() == 2 else x
-    out = {k: (torch.cat([widen(b, k) for b in batches]) if torch.is_tensor(v) else
-               sum((b[k] for b in batches), []) if isinstance(v, list) else v) for k, v in batches[0].items()}
-    return dict(out, context_length=ctx, time_generate=sum(b["time_generate"] for b in batches),
-                time_score=sum(b["time_score"] for b in batches))
-
-
 def dynamic_sampling(roles, prompts, more_prompts, beta, c, score_moments=None):
     """DAPO's dynamic sampling (Yu et al. 2025): a group whose replies all got the same score has advantage 0 and
-    teaches nothing; such groups are dropped and more prompts sampled (more_prompts(): this rank's next share) until
-    the rollout batch is full of informative groups, for at most MAX_EXTRA_ROLLOUTS extra rounds; the rounds are the
-    same on every process (a sharded actor samples with all of them). Short after the last round, the batch is
-    filled up with dropped groups (they add no policy gradient), and train/groups_short says how many."""
+    teaches nothing; it is dropped, and more prompts sampled (more_prompts()) for at most MAX_EXTRA_ROLLOUTS rounds,
+    the same on every process. Still short, the batch is filled up with dropped groups (no policy gradient)."""
     n, need, t0 = c["SAMPLES_PER_PROMPT"], len(prompts) // c["SAMPLES_PER_PROMPT"], time.perf_counter()
     batches = [rollout(roles, prompts, beta, c, score_moments)]
     t_first = time.perf_counter() - t0
     for extra in range(c["MAX_EXTRA_ROLLOUTS"] + 1):
-        batch = merge_rollouts(batches) if len(batches) > 1 else batches[0]
+        batch = merge_rollouts(batches, {"responses": PAD_ID, "mask": False, "logprobs": INVALID_LOGPROB,
+                                         "ref_logprobs": INVALID_LOGPROB}) if len(batches) > 1 else batches[0]
         scores = batch["scores"].reshape(-1, n)
         informative = ((scores.max(1).values - scores.min(1).values) > 1e-6).nonzero().flatten().tolist()
         short = max(0, need - len(informative))
@@ -636,8 +605,7 @@ def dynamic_sampling(roles, prompts, more_prompts, beta, c, score_moments=None):
 # ---- PPO update: step 7 ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Trainer:
-    """What trains actor and critic: the modules the training forward calls (DDP- or FSDP-wrapped under torchrun,
-    else the models themselves; critic None without one), their trainable parameters, one optimizer, its schedule."""
+    """What trains: the modules the training forward calls (DDP/FSDP-wrapped), their parameters, AdamW, its schedule."""
     actor: torch.nn.Module
     critic: torch.nn.Module
     params: list
@@ -646,10 +614,8 @@ class Trainer:
 
 
 def trim_padding(query_responses, attention_mask, context_length, mask):
-    """A micro-batch without the columns that are padding in all of its rows: left of its longest prompt and right of
-    its longest reply. Masked columns change nothing but the work (positions come from the attention mask), and a
-    micro-batch's longest reply is usually shorter than the rollout's. Returns (ids, attention_mask, context_length,
-    T) with T the response columns kept; slice [B, T] rollout tensors with [:, :T]."""
+    """A micro-batch without the columns that are padding in all its rows (they change nothing but the work).
+    Returns (ids, attention_mask, context_length, T), T the response columns kept: slice [B, T] tensors [:, :T]."""
     first = int(attention_mask[:, :context_length].any(0).int().argmax())
     T = int(mask.any(0).sum())  # replies start at column 0 of the response and are contiguous
     end = context_length + T
@@ -840,14 +806,7 @@ def worked_example(roles, batch, c, step):
     elif c["ADVANTAGE"] == "reinforce++":
         ex["advantages_raw"] = compute_gae(rewards, torch.zeros_like(rewards), one, c["GAMMA"], 1.0)[0][0].tolist()
     else:  # grpo, rloo: the reply's total reward against the others in its group; the same advantage on each token
-        n = c["SAMPLES_PER_PROMPT"]
-        g = range(i // n * n, i // n * n + n)
-        totals = torch.where(mask, batch["rewards"], 0.0).sum(1)[list(g)]
-        ex["advantages_raw"] = A.tolist()
-        ex["group"] = [{"reply": batch["replies"][j], "reward": totals[k].item(),
-                        "baseline": (totals.sum() - totals[k]).item() / (n - 1) if c["ADVANTAGE"] == "rloo"
-                        else totals.mean().item(), "advantage": adv[j, 0].item(), "shown": j == i}
-                       for k, j in enumerate(g)]
+        ex.update(advantages_raw=A.tolist(), group=group_rows(batch, i, c["SAMPLES_PER_PROMPT"], c["ADVANTAGE"]))
     return ex
 
 
@@ -855,8 +814,8 @@ def worked_example(roles, batch, c, step):
 def evaluate(roles, prompts, c, gold, step):
     """Held-out evaluation at a fixed seed (SEED + 1; the RNG state is restored afterwards, so it does not change
     the run): steps 1-4 of the rollout on each prompt, then the mean RM score, KL to the reference (nats per reply),
-    gold score, reply length and EOS rate. Under torchrun each rank takes an equal share of the prompts and the
-    results are gathered, in prompt order. Returns (results with the step, per-prompt detail with its seconds)."""
+    gold score, reply length, EOS rate and diversity; under torchrun each rank takes an equal share, gathered in
+    order. Returns (results with the step, per-prompt detail with its seconds)."""
     t0 = time.perf_counter()
     rank, world = (torch.distributed.get_rank(), world_size()) if dist_on() else (0, 1)
     share = len(prompts) // world

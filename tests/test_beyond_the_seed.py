@@ -184,7 +184,8 @@ def test_merged_rollouts_keep_every_row_and_its_padding(batch8):
     c = make_config()
     torch.manual_seed(1)
     other = ppo.rollout(roles, batch["prompts"][:3], 0.1, c)
-    merged = ppo.merge_rollouts([batch, other])
+    merged = ppo.merge_rollouts([batch, other], {"responses": ppo.PAD_ID, "mask": False,
+                                                 "logprobs": ppo.INVALID_LOGPROB, "ref_logprobs": ppo.INVALID_LOGPROB})
     assert len(merged["replies"]) == 11 and merged["mask"].shape[0] == 11
     for part, where in ((batch, range(8)), (other, range(8, 11))):
         for i, j in zip(range(len(part["replies"])), where):  # each row's real tokens and numbers, unchanged

@@ -31,7 +31,7 @@ def test_imports_run_one_way_and_settings_live_in_ppo_py_alone():
 
 def test_the_lesson_keeps_its_length_and_every_line_fits_a_laptop_screen():
     with open(os.path.join(CODE, "ppo.py"), encoding="utf-8") as f:
-        assert len(f.read().splitlines()) <= 1000  # the lesson (900) and the settings beyond the seed
+        assert len(f.read().splitlines()) <= 900
     for name in sorted(os.listdir(CODE)):
         if name.endswith(".py"):
             with open(os.path.join(CODE, name), encoding="utf-8") as f:
