@@ -16,7 +16,6 @@ optimizer passes), called without the loop around them. overhead = step time / f
 """
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -97,7 +96,7 @@ def main(argv):
         c["ACTOR_MODEL"], c["REWARD_MODEL"] = build_random_models(tmp.name, own["random_width"], own["random_layers"],
                                                                   own["random_heads"])
     summary = ppo.train(c)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the run's peak, before the floor's models
+    rss_mb = summary["memory_mb"]["peak"]  # the run's peak, before the floor's models
     import pandas as pd
     df = pd.read_csv(os.path.join(c["OUTPUT_DIR"], "ppo_metrics", "training_metrics.csv"))
     df = df.iloc[min(2, len(df) - 1):]  # leave out warm-up steps
@@ -108,7 +107,7 @@ def main(argv):
     prompts = loading.load_prompts(c["PROMPT_FILE"], tok, c["MAX_PROMPT_TOKENS"], "PROMPT_FILE", lambda *a: None)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(c["SEED"])).tolist()
     n = summary["derived"]["ROLLOUT_BATCH"]
-    batches = [[prompts[i] for i in order[k * n:(k + 1) * n]] for k in range(min(5, len(order) // n))]
+    batches = [[prompts[i] for i in order[k * n:(k + 1) * n]] for k in range(min(5, own["steps"], len(order) // n))]
     floor = measure_floor(c, batches, device, dtype)
     step = float(df["time/step_s"].median())
     floor_s = sum(floor.values())
@@ -121,7 +120,7 @@ def main(argv):
         "phases_s_median": {k: round(float(df[f"time/{k}_s"].median()), 4) for k in ("generate", "score", "train")},
         "resp_len_mean": round(float(df["resp/length_mean"].mean()), 2),
         "tokens_per_s": round(float((df["resp/length_mean"] * n).sum() / df["time/step_s"].sum()), 1),
-        "peak_rss_mb": round(rss_mb, 1),
+        "peak_rss_mb": round(rss_mb, 1), "memory_mb": summary["memory_mb"],
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "floor_s": {k: round(v, 4) for k, v in floor.items()}, "floor_total_s": round(floor_s, 4),
         "overhead": round(step / floor_s, 3),

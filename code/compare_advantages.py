@@ -75,7 +75,8 @@ def main(argv):
         df = pd.read_csv(os.path.join(root, name, "pilot", "ppo_metrics", "training_metrics.csv")).iloc[2:]
         step_s = float(df["time/step_s"].median())
         results[name] = {"step_s": round(step_s, 4), "steps": max(1, round(own["budget_s"] / step_s)),
-                         "peak_rss_mb": pilot["peak_rss_mb"], "roles": pilot["models"]["roles_loaded"], "runs": []}
+                         "peak_rss_mb": pilot["memory_mb"]["peak"],
+                         "roles": pilot["models"]["roles_loaded"], "runs": []}
         print(name, "pilot:", results[name], flush=True)
     for name, extra in variants.items():
         for seed in seeds:

@@ -25,6 +25,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+# peft calls a transformers method that transformers 5 renamed, and transformers warns each time (3 times a LoRA run)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
 class ConfigError(Exception):
     """An expected mistake in the user's input: reported as one line, exit code 2, no traceback."""
 
@@ -282,17 +285,19 @@ def freeze(model):
     return model.eval()
 
 
-def frozen_forward(model, fn, *args):
+def frozen_forward(model, fn, *args, rows=0):
     """fn(model, *args) for a frozen model, under inference_mode (no_grad for a trained model with its adapters off:
-    FSDP's gathered weights must not become inference tensors). A model kept on the CPU between uses
-    (OFFLOAD_FROZEN) visits the inputs' device for the call. The result is cloned outside inference_mode so that
-    later autograd ops may read it."""
-    device = args[0].device
+    FSDP's gathered weights must not become inference tensors); with rows, on that many rows of the tensor
+    arguments at a time, concatenated (so a forward holds the logits of at most MINI_BATCH_SIZE rows, as the update
+    does). A model kept on the CPU between uses (OFFLOAD_FROZEN) visits the inputs' device for the call. The result
+    is cloned outside inference_mode so that later autograd ops may read it."""
+    device, n = args[0].device, len(args[0])
     visiting = next(model.parameters()).device != device
     if visiting:
         model.to(device)
     with torch.no_grad() if isinstance(model, AdaptersOff) else torch.inference_mode():
-        out = fn(model, *args)
+        out = torch.cat([fn(model, *(a[i:i + rows] if torch.is_tensor(a) else a for a in args))
+                         for i in range(0, n, rows)]) if rows and rows < n else fn(model, *args)
     if visiting:
         model.to("cpu")
     return out.clone()
@@ -688,10 +693,11 @@ def load_prompts(path, tok, max_tokens, what, log=print, why=None):
     return out
 
 
-def load_prompt_files(c, roles, sizes, log=print):
+def load_prompt_files(c, defaults, roles, sizes, log=print):
     """PROMPT_FILE and EVAL_FILE as Prompts, prompt-only (an 'output' field is never read); prompt + reply must fit
     every model that reads the actor's tokens. Evaluation: EVAL_SIZE prompts, an equal share per process.
-    sizes: the run's batch sizes (one rollout batch needs sizes.rollout // sizes.samples prompts)."""
+    sizes: the run's batch sizes (one rollout batch needs sizes.rollout // sizes.samples prompts); defaults: the
+    settings' defaults (check_demo_judges)."""
     models = [("ACTOR_MODEL", roles.actor), ("REF_MODEL", roles.ref)]
     models += [("CRITIC_MODEL", roles.critic.model)] if roles.critic is not None else []
     models += [("REWARD_MODEL", roles.rm.model.model)] if roles.rm and roles.rm.same_tokenizer else []
@@ -700,9 +706,23 @@ def load_prompt_files(c, roles, sizes, log=print):
     if len(prompts) < sizes.rollout // sizes.samples:
         raise ConfigError(f"PROMPT_FILE has {len(prompts)} usable prompts, fewer than one rollout batch "
                           f"({sizes.rollout // sizes.samples}); add prompts or lower MINI_BATCH_SIZE")
+    check_demo_judges(c, defaults)
     ev = load_prompts(c["EVAL_FILE"], roles.tok, budget, "EVAL_FILE", log, why) if c["EVAL_FILE"] else []
     ev = ev[:c["EVAL_SIZE"]] if c["EVAL_SIZE"] else ev
     return prompts, ev[:len(ev) // sizes.world * sizes.world]
+
+
+def check_demo_judges(c, defaults):
+    """The demo's held-out prompts and gold rule judge the demo's task only: with another PROMPT_FILE, leaving either
+    at its default would evaluate someone else's model on product reviews without a word. An error instead."""
+    def same(k):
+        return os.path.realpath(c[k]) == os.path.realpath(defaults[k])
+    demo = [k for k in ("EVAL_FILE", "GOLD_REWARD") if c[k] and same(k)]
+    if demo and not same("PROMPT_FILE"):
+        raise ConfigError(f"{' and '.join(demo)} {'are' if len(demo) > 1 else 'is'} the demo's (held-out review "
+                          f"prompts, the demo's gold rule) but PROMPT_FILE is yours: give your own with "
+                          + " ".join(f"--{k.lower()}=..." for k in demo) + ", or turn them off with "
+                          + " ".join(f"--{k.lower()}=" for k in demo))
 
 
 # ---- the four roles --------------------------------------------------------------------------------------------------

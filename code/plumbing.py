@@ -46,7 +46,7 @@ class TrainingDiverged(Exception):
 # settings that may change when a run is resumed: how long it runs and how it reports, not what it computes
 RESUMABLE_CHANGES = {"TOTAL_STEPS", "RESUME", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "EVAL_FILE", "EVAL_SIZE",
                      "SAMPLE_EVERY", "OUTPUT_DIR", "SAVE_MODEL", "MAX_BAD_STEPS", "DEVICE", "REPORT_TO",
-                     "SCORE_TIMEOUT"}
+                     "SCORE_TIMEOUT", "THREADS"}
 
 
 # ---- distributed: under torchrun every reduction spans all ranks; in one process each is the identity ---------------
@@ -167,6 +167,76 @@ def pick_device(name):
         raise ConfigError(f"DEVICE = {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
 
 
+def busy_cores(window=0.2):
+    """How many cores other programs keep busy, from the idle time in /proc/stat over `window` seconds (this process
+    sleeps meanwhile, so all of the busy time is theirs). None where there is no /proc/stat (macOS, Windows)."""
+    def idle_and_total():
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks[:8])  # idle + iowait; user .. steal
+    try:
+        idle0, total0 = idle_and_total()
+        time.sleep(window)
+        idle1, total1 = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    cpus = os.cpu_count() or 1
+    return cpus * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
+def choose_threads(setting, local_processes=1):
+    """torch's CPU threads: THREADS, else OMP_NUM_THREADS when set, else ("auto") torch's default (the physical
+    cores, shared among this machine's torchrun processes) less the cores other programs keep busy now, at least 1.
+    Why: with one thread per core already taken, a step of many small ops waits at every OpenMP barrier for a thread
+    that another process holds (README, Performance: on the demo, 5x slower with 2 threads on a 2-core machine where
+    one other process runs, and no slower with 1). Returns (threads, why) and sets them."""
+    if setting != "auto":
+        n, why = int(setting), f"THREADS = {setting}"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        n, why = torch.get_num_threads(), f"OMP_NUM_THREADS = {os.environ['OMP_NUM_THREADS']}"
+    else:
+        share = max(1, torch.get_num_threads() // local_processes)
+        busy = busy_cores()
+        free = share if busy is None else min(share, round((os.cpu_count() or 1) - busy))
+        n = max(1, free)
+        why = (f"THREADS = auto: {share} core(s) for this process" +
+               ("" if busy is None else f", {busy:.1f} busy with other programs at start"))
+    torch.set_num_threads(n)
+    return n, why
+
+
+def reset_peak_memory(device):
+    """Start measuring a phase's peak memory (peak_memory_mb): torch's allocated peak on CUDA, the resident set's
+    high-water mark elsewhere (Linux: VmHWM, which writing 5 to /proc/self/clear_refs resets)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: peak_memory_mb is NaN there
+
+
+def peak_memory_mb(device):
+    """The peak since reset_peak_memory, in MiB: GPU memory that torch allocated on CUDA, else the process's
+    resident set (CPU: weights, activations, optimizer state, allocator caches); NaN where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return float("nan")
+
+
+@contextlib.contextmanager
+def peak_memory(device, into, key):
+    """into[key] = the peak memory (MiB) of the block."""
+    reset_peak_memory(device)
+    yield
+    into[key] = peak_memory_mb(device)
+
+
 def pick_dtype(name, device):
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -233,6 +303,8 @@ def check_config(c):
     for k, allowed in CHOICES.items():
         if c[k] not in allowed:
             raise ConfigError(f"{k} = {c[k]!r} must be one of {', '.join(allowed)}")
+    if c["THREADS"] != "auto" and not (str(c["THREADS"]).isdigit() and int(c["THREADS"]) > 0):
+        raise ConfigError(f"THREADS = {c['THREADS']!r} must be 'auto' or a positive number of CPU threads")
     if not 0 <= c["SEED"] < 2 ** 32:
         raise ConfigError(f"SEED = {c['SEED']} must lie in [0, 2**32 - 1] (numpy's seed range)")
     if c["ADVANTAGE"] in ("grpo", "rloo") and c["SAMPLES_PER_PROMPT"] < 2:
@@ -278,6 +350,7 @@ class Setup:
     fsdp: bool     # under torchrun with DISTRIBUTED = "fsdp": actor and critic are sharded over the processes
     master: bool   # rank 0: only it prints, shows the bar and writes files
     log: object    # print on rank 0, nothing on the others
+    threads: str   # torch's CPU threads and why (choose_threads)
 
 
 def setup(c):
@@ -287,11 +360,12 @@ def setup(c):
     rank, world, device = setup_distributed(c)
     check_writable(c["OUTPUT_DIR"], os.path.join(c["OUTPUT_DIR"], "ppo_metrics"), rank)
     random.seed(c["SEED"]), np.random.seed(c["SEED"]), torch.manual_seed(c["SEED"])
+    threads, why = choose_threads(c["THREADS"], int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     return Setup(rank, world, device, pick_dtype(c["DTYPE"], device), dist_on() and c["DISTRIBUTED"] == "fsdp",
-                 rank == 0, print if rank == 0 else (lambda *a, **k: None))
+                 rank == 0, print if rank == 0 else (lambda *a, **k: None), f"{threads} ({why})")
 
 
 @dataclasses.dataclass
@@ -320,16 +394,15 @@ class Run:
     handler, and leaving it closes and restores both), each step's record, checkpoints, the end of the run."""
 
     def __init__(self, c, defaults, env, sizes, roles, trainer, kl_ctl, score_moments, prompts, eval_prompts):
-        self.c, self.defaults, self.env, self.sizes, self.log = c, defaults, env, sizes, env.log
-        self.roles, self.trainer, self.kl_ctl, self.score_moments = roles, trainer, kl_ctl, score_moments
-        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.c, self.defaults, self.env, self.sizes, self.log, self.roles = c, defaults, env, sizes, env.log, roles
+        self.trainer, self.kl_ctl, self.score_moments, self.prompts = trainer, kl_ctl, score_moments, prompts
         self.metrics_dir, self.model_dir, self.ckpt_dir = (os.path.join(c["OUTPUT_DIR"], d) for d in
                                                            ("ppo_metrics", "ppo_model", "checkpoints"))
         self.about = describe(c, env, sizes, roles, trainer.params, prompts, eval_prompts, self.metrics_dir,
                               self.model_dir, self.ckpt_dir)
         self.dashboards = Dashboards(c["REPORT_TO"])  # checks the packages now; opened when writing starts
         self.state = RunState(config={k: c[k] for k in defaults}, kl_coef=kl_ctl.value)
-        self.t_session = time.perf_counter()
+        self.t_session, self.memory = time.perf_counter(), {"loading": peak_memory_mb(env.device)}  # MiB by phase
         self.prompt_rng = torch.Generator().manual_seed(c["SEED"])  # the same prompt order on every rank
         self.resume_path, self.move_aside = choose_checkpoint(c, defaults, self.ckpt_dir, self.log)
         if self.resume_path:
@@ -341,6 +414,7 @@ class Run:
     def add_eval(self, res, detail):
         """Keep a held-out evaluation (before training, during it, or after); returns its CSV columns."""
         self.state.timing["eval"] += detail["seconds"]
+        self.memory["evaluation"] = max(self.memory.get("evaluation", 0.0), detail["peak_mb"])
         self.state.eval_points.append(res)
         if self.state.step == 0 and not self.resume_path:
             self.state.eval_before, self.state.detail_before = res, detail
@@ -389,8 +463,7 @@ class Run:
         row = metrics_row(row, self.about["columns"])
         state.rows.append(row)
         state.step = step
-        bad = row["train/bad_scores"] > 0 or row["train/skipped_frac"] > 0
-        state.bad_streak = state.bad_streak + 1 if bad else 0
+        state.bad_streak = state.bad_streak + 1 if row["train/bad_scores"] > 0 or row["train/skipped_frac"] > 0 else 0
         if self.env.master:
             self.csv.write([row])
             self.dashboards.log(row, step)
@@ -420,8 +493,10 @@ class Run:
             self.tick()
             self.state.kl_coef = self.kl_ctl.value
             self.state.score_moments = dict(self.score_moments.__dict__) if self.score_moments is not None else None
-            save_checkpoint(self.ckpt_dir, c["KEEP_CHECKPOINTS"], self.state, self.roles, self.trainer,
-                            self.prompt_rng, self.env)
+            path = save_checkpoint(self.ckpt_dir, c["KEEP_CHECKPOINTS"], self.state, self.roles, self.trainer,
+                                   self.prompt_rng, self.env)
+            if self.env.master and self.last_saved < 0:  # the first one this session: what they cost on disk
+                self.log(checkpoint_size(path, c["KEEP_CHECKPOINTS"], self.ckpt_dir))
             self.last_saved = step
             if self.env.master and not interrupted and step < c["TOTAL_STEPS"]:
                 write_reports(self.summary("running"), self.state, self.metrics_dir, c)
@@ -430,14 +505,13 @@ class Run:
     def finished(self):  # the loop ran to TOTAL_STEPS (not stopped by Ctrl-C / SIGTERM)
         return not self.stop.signum and self.state.step >= self.c["TOTAL_STEPS"]
 
-    def tick(self):
+    def tick(self):  # the run's wall time, this session's added
         now = time.perf_counter()
-        self.state.wall_s += now - self.t_session
-        self.t_session = now
+        self.state.wall_s, self.t_session = self.state.wall_s + now - self.t_session, now
 
     def summary(self, status, eval_after=None, detail_after=None):
         return build_summary(status, self.state, self.c, self.defaults, self.about, self.roles.notes, eval_after,
-                             detail_after)
+                             detail_after, self.memory)
 
     def finish(self, eval_after=None):
         """After the loop: an interrupted run writes its summary and the command that resumes it; a finished one
@@ -464,6 +538,13 @@ class Run:
         self.log(f"done in {summary['wall_time_s']:.0f}s; read {self.metrics_dir}/summary.json, then "
                  f"training_curves.png, then training_metrics.csv")
         return summary
+
+
+def checkpoint_size(path, keep, ckpt_dir):
+    """What checkpoints cost on disk, said after the first one."""
+    gb = os.path.getsize(os.path.join(path, "state.pt")) / 1e9
+    return (f"note: a checkpoint takes {gb:.2f} GB (weights and optimizer state); KEEP_CHECKPOINTS = {keep} keeps up "
+            f"to {gb * keep:.2f} GB in {ckpt_dir}")
 
 
 def resume(path, roles, trainer, kl_ctl, score_moments, env, prompt_rng, c, config):
@@ -545,7 +626,7 @@ def describe(c, env, sizes, roles, params, prompts, eval_prompts, metrics_dir, m
     derived = {"ROLLOUT_BATCH": sizes.rollout, "PER_RANK_BATCH": sizes.per_rank,
                "PROMPTS_PER_STEP": sizes.rollout // sizes.samples, "world_size": sizes.world,
                "device": str(env.device), "dtype": str(env.dtype).replace("torch.", ""), "REF_MODEL": ref_path,
-               "CRITIC_MODEL": roles.critic_path, "threads": torch.get_num_threads()}
+               "CRITIC_MODEL": roles.critic_path, "threads": env.threads}
     log("config:", " ".join(f"{k}={v!r}" for k, v in c.items()))
     log("derived:", " ".join(f"{k}={v}" for k, v in derived.items()))
     log("batch:", describe_sizes(sizes))
@@ -924,6 +1005,13 @@ def save_models(roles, model_dir, env):
     Under LoRA the adapters are saved in peft's format (actor_adapter, critic_adapter: PeftModel.from_pretrained on
     the base model) and actor and critic as plain models: the base loaded again on the CPU with the saved adapters
     merged in (W + B·A·alpha/r, in the base's dtype), so the saved model is the saved adapter by construction."""
+    memory = {}
+    with peak_memory(env.device, memory, "saving"):
+        write_models(roles, model_dir, env)
+    return memory["saving"]
+
+
+def write_models(roles, model_dir, env):
     actor, tok, stop_ids = roles.actor, roles.tok, roles.stop_ids
     actor.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
     actor.generation_config.pad_token_id = tok.pad_token_id
@@ -987,6 +1075,8 @@ METRICS = {
     "time/score_s": ("time", None, None),
     "time/train_s": ("time", None, None),
     "time/tokens_per_s": ("time", None, None),
+    "mem/rollout_mb": ("time", None, None),
+    "mem/update_mb": ("time", None, None),
     "eval/rm_score": ("eval", None, None),
     "eval/gold_score": ("eval", None, None),
     "eval/kl": ("eval", None, None),
@@ -1116,9 +1206,9 @@ def smooth(series):
     return series.rolling(max(1, len(series) // 20), center=True, min_periods=1).mean()
 
 
-def plot_curves(df, path, target, eval_points):
+def plot_curves(df, path, target, eval_points, rm="RM"):
     """One figure, read at a glance: smoothed lines over faint raw points, one panel per PANELS entry (the metrics
-    METRICS assigns to it), and the held-out evaluation."""
+    METRICS assigns to it), and the held-out evaluation. rm: what the score is called ("RM", "reward-function")."""
     fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     x = df["step"]
     for ax, title in zip(axes.flat, PANELS):
@@ -1128,7 +1218,7 @@ def plot_curves(df, path, target, eval_points):
                 continue
             color = f"C{i}"
             ax.plot(x, df[col], ".", color=color, alpha=0.25, markersize=3)
-            ax.plot(x, smooth(df[col]), "-", color=color, label=label, linewidth=1.8)
+            ax.plot(x, smooth(df[col]), "-", color=color, label=label.replace("RM", rm), linewidth=1.8)
         if title == KL_PANEL:
             ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:g}")
         ax.set_title(title)
@@ -1142,7 +1232,8 @@ def plot_curves(df, path, target, eval_points):
         steps = [p["step"] for p in eval_points]
         for i, key in enumerate(("rm_score", "gold_score", "kl")):
             if key in eval_points[0]:
-                ax.plot(steps, [p[key] for p in eval_points], "o-", color=f"C{i}", label=key.replace("_", " "))
+                ax.plot(steps, [p[key] for p in eval_points], "o-", color=f"C{i}",
+                        label=key.replace("_", " ").replace("rm", rm))
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -1154,31 +1245,36 @@ def plot_curves(df, path, target, eval_points):
     os.replace(tmp, path)
 
 
-def health_verdicts(df, target, eval_before, eval_after, rm="RM"):
-    """Plain-language verdicts drawn from the run: what looks fine and what to check. rm names the reward's source
-    ("RM", or "reward-function" when REWARD_MODEL is a .py file)."""
+def verdict_window(n):
+    """Rows at each end of an n-step run that the verdicts compare: a tenth, but at least min(5, n // 2), so that a
+    short run's ends are means of several steps, not one step each."""
+    return max(1, n // 10, min(5, n // 2))
+
+
+def window_mean(part, col):
+    """Mean of a METRICS column over part of the run; NaN where it was never measured."""
+    assert col in METRICS, col
+    return float(part[col].mean()) if col in part and part[col].notna().any() else float("nan")
+
+
+def clearly_rose(first, last, col):
+    """The end's mean above the start's by more than 2 standard errors of their difference (the steps' noise)."""
+    a, b = first[col].dropna(), last[col].dropna()
+    noise = 2 * math.sqrt(a.var(ddof=0) / max(1, len(a)) + b.var(ddof=0) / max(1, len(b)))
+    return b.mean() - a.mean() > noise
+
+
+def health_verdicts(df, c, eval_before, eval_after, rm="RM"):
+    """Plain-language verdicts drawn from the run: what looks fine and what to check, each with its numbers and,
+    where one helps, the setting to change. c: the run's config; rm names the reward's source ("RM", or
+    "reward-function" when REWARD_MODEL is a .py file)."""
     if len(df) == 0:
         return ["no PPO step finished"]
-    k = max(1, len(df) // 10)
+    k, f = verdict_window(len(df)), window_mean
     first, last = df.iloc[:k], df.iloc[-k:]
-
-    def f(part, col):  # mean of a METRICS column over part of the run; NaN where it was never measured
-        assert col in METRICS, col
-        return float(part[col].mean()) if col in part and part[col].notna().any() else float("nan")
-    out = []
-    kl = f(last, "objective/kl")
-    if f(df, "objective/kl") < -0.5 or kl < -0.5:
-        out.append(f"WARNING: mean KL is negative ({kl:.2f}): sampling and scoring disagree; check that generation "
-                   f"uses plain temperature sampling (no top-k/top-p) and the same TEMPERATURE as the logprobs")
-    elif abs(kl - target) <= 0.5 * target:
-        out.append(f"OK: KL {kl:.2f} nats/reply is near the target {target:g} (β now "
-                   f"{f(last, 'objective/kl_coef'):.3f})")
-    elif kl > target:
-        out.append(f"CHECK: KL {kl:.2f} is above the target {target:g}: the policy drifts from the reference faster "
-                   f"than β can follow; lower LEARNING_RATE or KL_HORIZON")
-    else:
-        out.append(f"OK: KL {kl:.2f} is below the target {target:g}: the policy stays close to the reference "
-                   f"(β is falling to allow more)" if kl >= 0 else f"CHECK: KL {kl:.2f} is slightly negative")
+    out = [] if len(df) >= 10 else [f"NOTE: only {len(df)} steps: the verdicts compare the mean of the first {k} "
+                                    f"with the mean of the last {k}; too few to tell a trend from noise"]
+    out.append(kl_verdict(df, last, c))
     s0, s1 = f(first, "objective/scores"), f(last, "objective/scores")
     out.append(f"{'OK' if s1 > s0 else 'CHECK'}: {rm} score {'rose' if s1 > s0 else 'did not rise'} from {s0:.2f} "
                f"to {s1:.2f}")
@@ -1199,8 +1295,17 @@ def health_verdicts(df, target, eval_before, eval_after, rm="RM"):
         out.append(f"CHECK: clipfrac {cf:.2f} is high: updates hit the trust region often; lower LEARNING_RATE or "
                    f"PPO_EPOCHS")
     ev = f(last, "val/explained_var")
-    if ev < 0:
-        out.append(f"CHECK: value explained variance {ev:.2f} < 0: the critic predicts returns worse than their mean")
+    if ev < 0.05:
+        out.append(f"CHECK: value explained variance {ev:.2f} (mean value {f(last, 'val/mean_value'):.2f}, mean "
+                   f"score {s1:.2f}): the critic predicts the returns {'worse than' if ev < 0 else 'no better than'} "
+                   f"their mean, so the advantages are little more than whitened rewards; a fresh value head learns "
+                   f"slowly at the actor's rate: give it CRITIC_WARMUP_STEPS (e.g. 10) and a CRITIC_LEARNING_RATE "
+                   f"(e.g. 10 x LEARNING_RATE), or go critic-free (ADVANTAGE = grpo or rloo)")
+    q0, q1 = f(first, "resp/eos_frac"), f(last, "resp/eos_frac")
+    if q1 < 0.5 and q1 < q0 - 0.1 or q1 < 0.1:
+        out.append(f"WARNING: {q1:.0%} of replies end with a stop token (at the start: {q0:.0%}); the others are cut "
+                   f"off at MAX_NEW_TOKENS = {c['MAX_NEW_TOKENS']} and scored unfinished: raise MAX_NEW_TOKENS, or "
+                   f"make cut-off replies cost (MISSING_EOS_PENALTY, e.g. 1) or teach nothing (MASK_TRUNCATED)")
     n_bad = int((df["train/bad_scores"] > 0).sum()) if "train/bad_scores" in df else 0
     n_skip = int((df["train/skipped_frac"] > 0).sum()) if "train/skipped_frac" in df else 0
     if n_bad or n_skip:
@@ -1209,27 +1314,69 @@ def health_verdicts(df, target, eval_before, eval_after, rm="RM"):
     if "dist/ranks_in_sync" in df and (df["dist/ranks_in_sync"] < 1).any():
         out.append("WARNING: the ranks' weights or β diverged at some step (dist/ranks_in_sync = 0); results are not "
                    "those of one consistent model")
-    g0, g1 = f(first, "objective/gold_scores"), f(last, "objective/gold_scores")
-    if not math.isnan(g0):
-        # over-optimisation: the RM score climbs while the gold score falls or stands still, in training or held out
-        pairs = [("training", s0, s1, g0, g1)]
-        if eval_before and eval_after and "gold_score" in eval_before:
-            pairs.append(("held out", eval_before["rm_score"], eval_after["rm_score"], eval_before["gold_score"],
-                          eval_after["gold_score"]))
-        hacked = [f"{name}: {rm} {rm0:.2f} -> {rm1:.2f}, gold {gd0:.2f} -> {gd1:.2f}"
-                  for name, rm0, rm1, gd0, gd1 in pairs if rm1 > rm0 + 0.5 and gd1 < gd0 + 0.2]
-        if hacked:
-            out.append(f"WARNING: the {rm} score rose but the gold score did not ({'; '.join(hacked)}): "
-                       f"over-optimisation of the reward (reward hacking); keep the KL leash tighter "
-                       f"(ADAPTIVE_KL, a lower PPO_TARGET, a larger INIT_KL_COEF) or stop earlier")
-        else:
-            out.append(f"{'OK' if g1 >= g0 else 'CHECK'}: gold score {g0:.2f} -> {g1:.2f}")
+    out += gold_verdicts(first, last, eval_before, eval_after, rm)
     if eval_before and eval_after:
         out.append(f"held-out {rm} score {eval_before['rm_score']:.2f} -> {eval_after['rm_score']:.2f}"
                    + (f", gold {eval_before['gold_score']:.2f} -> {eval_after['gold_score']:.2f}"
                       if "gold_score" in eval_before else "")
                    + f", KL {eval_after['kl']:.2f}")
     return out
+
+
+def kl_verdict(df, last, c):
+    """The KL to the reference at the end of the run against PPO_TARGET, and what β did."""
+    kl, target = window_mean(last, "objective/kl"), c["PPO_TARGET"]
+    if window_mean(df, "objective/kl") < -0.5 or kl < -0.5:
+        return (f"WARNING: mean KL is negative ({kl:.2f}): sampling and scoring disagree; check that generation uses "
+                f"plain temperature sampling (no top-k/top-p) and the same TEMPERATURE as the logprobs")
+    if abs(kl - target) <= 0.5 * target:
+        beta = window_mean(last, "objective/kl_coef")
+        return f"OK: KL {kl:.2f} nats/reply is near the target {target:g} (β now {beta:.3f})"
+    if kl > target:
+        return (f"CHECK: KL {kl:.2f} is above the target {target:g}: the policy drifts from the reference faster than "
+                f"β can follow; lower LEARNING_RATE or KL_HORIZON")
+    if kl < 0:
+        return f"CHECK: KL {kl:.2f} is slightly negative"
+    return (f"OK: KL {kl:.2f} is below the target {target:g}: the policy stays close to the reference; "
+            + controller_reach(df, c))
+
+
+def gold_verdicts(first, last, eval_before, eval_after, rm):
+    """Over-optimisation: the RM score clearly rose (in training: beyond the steps' noise) while the gold score did
+    not rise at all, in training or held out. Scale-free, so a reward in [-1, 1] is judged as the demo's is."""
+    s0, s1 = window_mean(first, "objective/scores"), window_mean(last, "objective/scores")
+    g0, g1 = window_mean(first, "objective/gold_scores"), window_mean(last, "objective/gold_scores")
+    if math.isnan(g0):
+        return []
+    pairs = [("training", s0, s1, g0, g1, clearly_rose(first, last, "objective/scores"))]
+    if eval_before and eval_after and "gold_score" in eval_before:
+        r0, r1 = eval_before["rm_score"], eval_after["rm_score"]
+        pairs.append(("held out", r0, r1, eval_before["gold_score"], eval_after["gold_score"], r1 > r0))
+    hacked = [f"{name}: {rm} {rm0:.2f} -> {rm1:.2f}, gold {gd0:.2f} -> {gd1:.2f}"
+              for name, rm0, rm1, gd0, gd1, up in pairs if up and gd1 <= gd0]
+    if hacked:
+        return [f"WARNING: the {rm} score rose but the gold score did not ({'; '.join(hacked)}): over-optimisation "
+                f"of the reward (reward hacking); keep the KL leash tighter (ADAPTIVE_KL, a lower PPO_TARGET, a larger "
+                f"INIT_KL_COEF) or stop earlier"]
+    return [f"{'OK' if g1 >= g0 else 'CHECK'}: gold score {g0:.2f} -> {g1:.2f}"]
+
+
+def controller_reach(df, c):
+    """What the adaptive KL controller did, and could do at this batch size: each step moves β by a factor of at most
+    1 ± 0.2 x ROLLOUT_BATCH / KL_HORIZON (OAI's proportional controller, error clipped to ±0.2)."""
+    if "objective/kl_coef" not in df:
+        return "β was not logged"
+    b0, b1 = float(df["objective/kl_coef"].iloc[0]), float(df["objective/kl_coef"].iloc[-1])
+    if not c["ADAPTIVE_KL"]:
+        return f"β is fixed at {b1:.3f} (ADAPTIVE_KL = False)"
+    n = float(df["episodes"].iloc[0] / df["step"].iloc[0]) if "episodes" in df else float("nan")
+    most = 0.2 * n / c["KL_HORIZON"]
+    reach = f"β {b0:.3f} -> {b1:.3f}; at {n:.0f} replies per step and KL_HORIZON = {c['KL_HORIZON']} the " \
+            f"controller moves β by at most {most:.1%} per step"
+    if (1 - most) ** len(df) > 0.5:
+        reach += f" (x{(1 - most) ** len(df):.2f} at most over these {len(df)} steps: it has hardly acted; a " \
+                 f"smaller KL_HORIZON lets it)"
+    return reach
 
 
 def diversity_verdict(eval_before, eval_after, floor=0.6):
@@ -1259,7 +1406,19 @@ def summarise(df, key, best):
             "best": float(col.max() if best == "max" else col.min())}
 
 
-def build_summary(status, state, c, defaults, about, notes, eval_after=None, detail_after=None):
+def memory_summary(df, memory):
+    """Peak memory (MiB) of each phase of this session: loading, the rollouts and updates (the CSV's mem/ columns),
+    the evaluations, saving; "peak" = the largest, or the process's own peak when that is larger."""
+    phases = dict(memory)
+    for k in ("rollout", "update"):
+        if f"mem/{k}_mb" in df and df[f"mem/{k}_mb"].notna().any():
+            phases[k] = float(df[f"mem/{k}_mb"].max())
+    phases["peak"] = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024] +  # Linux: KiB
+                         [v for v in phases.values() if math.isfinite(v)])
+    return {k: round(v, 1) for k, v in phases.items()}
+
+
+def build_summary(status, state, c, defaults, about, notes, eval_after=None, detail_after=None, memory=None):
     """summary.json: the run at a glance, health verdicts first. about: describe()'s derived, models, data, files."""
     df = pd.DataFrame(state.rows)
     derived, models = about["derived"], about["models"]
@@ -1273,7 +1432,7 @@ def build_summary(status, state, c, defaults, about, notes, eval_after=None, det
                             "gold_before": detail_before["gold"][i], "gold_after": detail_after["gold"][i]})
     return {
         "status": status,
-        "health": health_verdicts(df, c["PPO_TARGET"], eval_before, eval_after,
+        "health": health_verdicts(df, c, eval_before, eval_after,
                                   "reward-function" if models.get("reward_is_function") else "RM")
         + diversity_verdict(eval_before, eval_after),
         "eval_before": eval_before, "eval_after": eval_after, "eval_points": state.eval_points,
@@ -1283,7 +1442,7 @@ def build_summary(status, state, c, defaults, about, notes, eval_after=None, det
         "time_split_s": {k: round(v, 2) for k, v in state.timing.items()},
         "step_time_s_median": float(df["time/step_s"].median()) if len(df) else None,
         "resume_command": resume_command(c, defaults) if status != "finished" else None,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+        "memory_mb": memory_summary(df, memory or {}),
         "models": models, "data": about["data"], "samples": samples, "files": about["files"],
         "worked_example": state.worked_example,
         "config": {k: c[k] for k in defaults}, "derived": derived, "notes": notes,
@@ -1349,7 +1508,7 @@ def write_reports(summary, state, metrics_dir, c):
     """summary.json and training_curves.png, each written atomically."""
     if state.rows:
         plot_curves(pd.DataFrame(state.rows), os.path.join(metrics_dir, "training_curves.png"), c["PPO_TARGET"],
-                    state.eval_points)
+                    state.eval_points, "reward-function" if summary["models"].get("reward_is_function") else "RM")
     atomic_write(os.path.join(metrics_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
 
 
@@ -1426,7 +1585,9 @@ def resolve_config(argv, defaults, doc, script):
 def main(train, argv, defaults, doc, script):
     """train(resolve_config(argv)) with the exit codes: 0 done, 2 bad input, 3 diverged (non-finite numbers),
     130 / 143 stopped by Ctrl-C / SIGTERM."""
-    say = (lambda msg: print(msg, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda msg: None)
+    # rank 0 says it; the others wait a moment first, as torchrun stops every process once one has exited with an error
+    quiet = lambda msg: time.sleep(2)  # noqa: E731
+    say = (lambda msg: print(msg, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else quiet
     c = defaults
     try:
         c = resolve_config(argv, defaults, doc, script)

@@ -9,18 +9,16 @@ at EOS + masks · 3 reference logprobs, critic values · 4 reward-model scores �
 6 GAE advantages (or, without a critic, a baseline from the other replies: ADVANTAGE) · 7 PPO epochs of clipped
 policy + value updates over minibatches · 8 log, adapt the KL coefficient β. The file reads in that order: the
 config, the derived batch sizes, the PPO math, the forwards, steps 1-8, the evaluation and the loop (train).
-Two modules beside it hold what this file imports and never changes what PPO computes:
+Two modules beside it hold what this file imports and never change what PPO computes:
     code/loading.py    what the run loads: models, tokenizers, stop tokens, LoRA, reward scorers, prompt files
-    code/plumbing.py   what runs around the loop: config checks, resume, checkpoints, CSV, curves, summary, health
-                       verdicts, dashboards, the command line, torchrun
+    code/plumbing.py   around the loop: config, threads, resume, checkpoints, CSV, curves, summary, health, torchrun
 
 Everything the run writes goes under OUTPUT_DIR, read in this order:
-    ppo_metrics/summary.json          the run at a glance: before/after evaluation, health verdicts, timings
+    ppo_metrics/summary.json          the run at a glance: before/after evaluation, health verdicts, time, memory
     ppo_metrics/training_curves.png   reward, KL against its target, β, losses, clipfrac, entropy, lengths
     ppo_metrics/training_metrics.csv  one row per PPO step (TRL's metric names where TRL has one; plumbing.METRICS)
-    ppo_metrics/config.json, samples.jsonl,  ppo_model/actor, ppo_model/critic,  checkpoints/ (resume)
-README.md explains the outputs, settings and errors; docs/ppo-implementation-details.md is the checklist that the
-comments cite as "implementation details #k"; tests/ holds the tests of each detail.
+    ppo_metrics/config.json, samples.jsonl, worked_example.md,  ppo_model/actor, ppo_model/critic,  checkpoints/
+README.md explains outputs, settings and errors; "implementation details #k" is docs/ppo-implementation-details.md.
 """
 import collections
 import contextlib
@@ -35,8 +33,8 @@ import torch
 from loading import (PAD_ID, ConfigError, frozen_forward, left_pad, last_index, load_prompt_files, load_roles,
                      load_score_fn, model_inputs, position_ids_of, trainable_parameters)
 from plumbing import (Run, all_gather_list, all_mean, all_reduce_sum, dist_on, gradient_sync, group_rows,
-                      hold_output_dir, leave, lr_schedule, main, merge_rollouts, save_models, setup, world_size,
-                      wrap_for_training)
+                      hold_output_dir, leave, lr_schedule, main, merge_rollouts, peak_memory, peak_memory_mb,
+                      reset_peak_memory, save_models, setup, world_size, wrap_for_training)
 
 _IMPORTED = set(globals())  # names above the config block (PAD_ID is the trainer's, not a setting)
 
@@ -104,6 +102,7 @@ MAX_BAD_STEPS = 3                        # stop after this many steps in a row w
 SEED = 0                                 # seeds python, numpy and torch: a CPU run is repeatable
 DEVICE = "auto"                          # "auto" = cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
 DTYPE = "auto"                           # "auto" = bfloat16 on a GPU that supports it, float32 elsewhere; or "float32"
+THREADS = "auto"                         # CPU threads: "auto" = the cores not busy with other programs at start; or N
 GRADIENT_CHECKPOINTING = False           # recompute activations in the backward: less memory, one more forward
 OFFLOAD_FROZEN = False                   # keep reference and reward model on the CPU between uses (frees GPU memory)
 DISTRIBUTED = "ddp"                      # under torchrun: "ddp" (a copy per GPU) or "fsdp" (FSDP2: shard them)
@@ -169,8 +168,7 @@ def batch_sizes(c, world):
 # OpenRLHF    Hu et al. 2024, "OpenRLHF: An Easy-to-use, Scalable and High-performance RLHF Framework",
 #             arXiv:2405.11143, github.com/OpenRLHF/OpenRLHF
 # PPO-max     Zheng et al. 2023, "Secrets of RLHF in Large Language Models Part I: PPO", arXiv:2307.04964, and
-#             github.com/OpenLMLab/MOSS-RLHF
-# MOSS        the same MOSS-RLHF code
+#             github.com/OpenLMLab/MOSS-RLHF (MOSS: the same code)
 # LLaMA-Factory  github.com/hiyouga/LLaMA-Factory (its PPO stage and Alpaca conversion)
 # DeepSpeed   github.com/deepspeedai/DeepSpeed (mixed precision with fp32 master weights); nanoGPT
 #             github.com/karpathy/nanoGPT (torchrun detection)
@@ -179,7 +177,6 @@ def batch_sizes(c, world):
 #             "High-Dimensional Continuous Control Using Generalized Advantage Estimation", arXiv:1506.02438
 # implementation details #k   item k of docs/ppo-implementation-details.md, the checklist (with sources and tests)
 #             this file implements
-
 
 
 # ---- PPO math: masked statistics, KL, rewards, GAE, losses, KL controller (pure functions, tested alone) ------------
@@ -458,10 +455,10 @@ def response_logprobs(model, query_responses, attention_mask, context_length, te
     with contextlib.nullcontext() if entropy_grad else torch.no_grad():
         return logprobs, entropy_from_logprobs(logp)
 
+
 def critic_values(critic, query_responses, attention_mask, context_length):
     """V_t, the value of the state *before* response token t: the same ctx-1:-1 slice as the logprobs (OAI, N+)."""
     return critic(query_responses, attention_mask, slice(context_length - 1, -1))
-
 
 
 @torch.no_grad()
@@ -524,7 +521,8 @@ def judge(roles, prompts, batch, c):
     (the reward model read at the last real token, or a reward function on the decoded text). Adds ref_logprobs,
     replies and raw_scores to batch."""
     qr, am, ctx, mask = batch["query_responses"], batch["attention_mask"], batch["context_length"], batch["mask"]
-    ref_logprobs = frozen_forward(roles.ref, response_logprobs, qr, am, ctx, c["TEMPERATURE"])
+    ref_logprobs = frozen_forward(roles.ref, response_logprobs, qr, am, ctx, c["TEMPERATURE"],
+                                  rows=c["MINI_BATCH_SIZE"])
     batch["ref_logprobs"] = torch.where(mask, ref_logprobs, INVALID_LOGPROB)
     batch["replies"] = [roles.tok.decode(r[m].tolist(), skip_special_tokens=True)
                         for r, m in zip(batch["responses"].cpu(), mask.cpu())]
@@ -683,19 +681,21 @@ def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum, warmup=False)
         stats.update({"policy/clipfrac_low": pg["clipfrac_low"], "policy/clipfrac_high": pg["clipfrac_high"]})
     if c["ENTROPY_COEF"] and not warmup:
         loss = loss - c["ENTROPY_COEF"] * aggregate(entropy, m, **agg)
-    if critic is not None:
-        new_values = critic_values(critic, mb_ids, mb_attn, mb_ctx)
-        vf_loss, stats["val/clipfrac_avg"] = value_loss(new_values, batch["values"][idx, :T],
-                                                        batch["returns"][idx, :T], m, c["CLIP_RANGE_VALUE"], **agg)
-        loss = loss + c["VF_COEF"] * vf_loss
-        stats["loss/value_avg"] = vf_loss.detach()
     if c["KL_IN"] == "loss":
         # masked slots get the INVALID_LOGPROB both sides hold there (k3 = 0), so exp() never sees padding's logprobs
         kl_loss = aggregate(kl_per_token(torch.where(m, new_logprobs, INVALID_LOGPROB),
                                          batch["ref_logprobs"][idx, :T], "k3"), m, **agg)
         loss = loss + (0.0 if warmup else batch["beta"] * kl_loss)
         stats["loss/kl_avg"] = kl_loss.detach()
-    (loss / accum).backward()
+    # the actor's backward, then the critic's: the joint loss's gradients (no shared weights), half the activations
+    if torch.is_tensor(loss) and loss.requires_grad:
+        (loss / accum).backward()
+    if critic is not None:
+        new_values = critic_values(critic, mb_ids, mb_attn, mb_ctx)
+        vf_loss, stats["val/clipfrac_avg"] = value_loss(new_values, batch["values"][idx, :T],
+                                                        batch["returns"][idx, :T], m, c["CLIP_RANGE_VALUE"], **agg)
+        (c["VF_COEF"] * vf_loss / accum).backward()
+        stats["loss/value_avg"] = vf_loss.detach()
     return stats
 
 
@@ -723,7 +723,8 @@ def ppo_step(roles, trainer, prompts, beta, c, sizes, score_moments=None, gold=N
     """One whole PPO step: the rollout and its advantages (steps 1-6), the clipped updates (step 7), and the step's
     metrics row (step 8; β is adapted by the loop from row["objective/kl"]). warmup: a critic warm-up step, where
     only the critic trains; more_prompts: where DYNAMIC_SAMPLING takes more. Returns (row, rollout batch)."""
-    with autocast(roles.device, roles.dtype):
+    memory = {}  # the peak memory of steps 1-6 and of step 7 (MiB; plumbing.peak_memory)
+    with autocast(roles.device, roles.dtype), peak_memory(roles.device, memory, "mem/rollout_mb"):
         batch, sampling = dynamic_sampling(roles, prompts, more_prompts, beta, c, score_moments) \
             if c["DYNAMIC_SAMPLING"] else (rollout(roles, prompts, beta, c, score_moments), {})
     # step 7 on every rank, or on none: a batch with a non-finite score anywhere is not trained on
@@ -731,12 +732,12 @@ def ppo_step(roles, trainer, prompts, beta, c, sizes, score_moments=None, gold=N
     lr = trainer.optimizer.param_groups[0]["lr"]  # the rate of this step's first optimizer step
     scores_ok = all_reduce_sum(torch.isfinite(batch["scores"]).all().logical_not().float()).item() == 0
     if scores_ok:
-        with autocast(roles.device, roles.dtype):
+        with autocast(roles.device, roles.dtype), peak_memory(roles.device, memory, "mem/update_mb"):
             mb_stats = ppo_update(trainer, batch, c, sizes, warmup)
     else:  # the update's other columns are NaN in this row
         mb_stats = [{"policy/grad_norm": float("nan"), "train/skipped_frac": 1.0}]
     row = dict(step_metrics(batch, mb_stats, beta, gold, batch["prompts"], lr, time.perf_counter() - t0),
-               **sampling, **{"train/bad_scores": float(not scores_ok)})
+               **sampling, **memory, **{"train/bad_scores": float(not scores_ok)})
     if c["CRITIC_WARMUP_STEPS"]:
         row["train/critic_warmup"] = float(warmup)
     return row, batch
@@ -773,11 +774,10 @@ def step_metrics(batch, mb_stats, beta, gold, batch_prompts, lr, t_train):
 
 # ---- the worked example: one reply of a PPO step with every number, token by token ---------------------------------
 def worked_example(roles, batch, c, step):
-    """One reply of this step's rollout with the numbers of steps 1-7 at each of its tokens (summary.json and
-    worked_example.md), so that anyone can recompute δ_t and the advantages from r_t and V_t. The reply shown is the
-    one with the largest mean |advantage| over its tokens: where the step teaches most. ratio is π_θ/π_old after
-    the step's PPO epochs (one more forward of that reply); clipped: whether the clip is active there now, so that
-    a further epoch would get no gradient from that token. Every process runs it (a sharded actor needs all)."""
+    """One reply of this step's rollout with the numbers of steps 1-7 at each of its tokens (summary.json,
+    worked_example.md): the one with the largest mean |advantage| over its tokens, where the step teaches most, so
+    that anyone can recompute δ_t and the advantages from r_t and V_t. ratio: π_θ/π_old after the step's epochs (one
+    more forward); clipped: the clip is active there now (no gradient from it). Every process runs it (FSDP)."""
     mask, adv = batch["mask"], batch["advantages"]
     i = int((torch.where(mask, adv.abs(), 0.0).sum(1) / mask.sum(1).clamp(min=1)).argmax())
     T, ctx = int(mask[i].sum()), batch["context_length"]
@@ -813,20 +813,19 @@ def worked_example(roles, batch, c, step):
 # ---- evaluation -----------------------------------------------------------------------------------------------------
 def evaluate(roles, prompts, c, gold, step):
     """Held-out evaluation at a fixed seed (SEED + 1; the RNG state is restored afterwards, so it does not change
-    the run): steps 1-4 of the rollout on each prompt, then the mean RM score, KL to the reference (nats per reply),
-    gold score, reply length, EOS rate and diversity; under torchrun each rank takes an equal share, gathered in
-    order. Returns (results with the step, per-prompt detail with its seconds)."""
-    t0 = time.perf_counter()
+    the run): steps 1-4 of the rollout, a rollout batch of prompts at a time, then the mean RM score, KL to the
+    reference (nats per reply), gold score, reply length, EOS rate and diversity; under torchrun each rank takes an
+    equal share, gathered in order. Returns (results with the step, per-prompt detail with its seconds and peak MiB)."""
+    t0, n = time.perf_counter(), c["MINI_BATCH_SIZE"] * c["GRAD_ACCUM"] * c["PPO_BUFFER_SIZE"]  # a rollout batch
+    reset_peak_memory(roles.device)
     rank, world = (torch.distributed.get_rank(), world_size()) if dist_on() else (0, 1)
-    share = len(prompts) // world
-    mine = prompts[rank * share:(rank + 1) * share]
+    mine = prompts[rank * (len(prompts) // world):(rank + 1) * (len(prompts) // world)]
     out = {"rm": [], "kl": [], "len": [], "eos": [], "replies": [], "tokens": []}
     with torch.random.fork_rng(devices=[roles.device] if roles.device.type == "cuda" else []), \
             autocast(roles.device, roles.dtype):
         torch.manual_seed(c["SEED"] + 1 + rank)
-        for i in range(0, len(mine), 64):
-            chunk = mine[i:i + 64]
-            batch = judge(roles, chunk, generate(roles, chunk, c), c)
+        for i in range(0, len(mine), n):
+            batch = judge(roles, mine[i:i + n], generate(roles, mine[i:i + n], c), c)
             out["rm"] += batch["raw_scores"].tolist()
             out["kl"] += torch.where(batch["mask"], kl_per_token(batch["logprobs"], batch["ref_logprobs"]),
                                      0.0).sum(1).tolist()
@@ -841,7 +840,8 @@ def evaluate(roles, prompts, c, gold, step):
            **diversity(out.pop("tokens"))}
     if gold:
         res["gold_score"] = float(np.mean(out["gold"]))
-    out.update(prompts=[p.conv for p in prompts], seconds=time.perf_counter() - t0)
+    out.update(prompts=[p.conv for p in prompts], seconds=time.perf_counter() - t0,
+               peak_mb=peak_memory_mb(roles.device))
     return dict(res, step=step), out
 
 
@@ -864,7 +864,7 @@ def train(c):
     kl_ctl = AdaptiveKLController(c["INIT_KL_COEF"], c["PPO_TARGET"], c["KL_HORIZON"], c["ADAPTIVE_KL"])
     score_moments = RunningMoments() if c["SCORE_NORM"] else None
     gold = load_score_fn(c["GOLD_REWARD"], "GOLD_REWARD", c["SCORE_TIMEOUT"]) if c["GOLD_REWARD"] else None
-    prompts, eval_prompts = load_prompt_files(c, roles, sizes, env.log)
+    prompts, eval_prompts = load_prompt_files(c, DEFAULTS, roles, sizes, env.log)
     # resume from the newest checkpoint of this config, or start fresh (plumbing.py); nothing written yet
     run = Run(c, DEFAULTS, env, sizes, roles, trainer, kl_ctl, score_moments, prompts, eval_prompts)
     if eval_prompts and run.state.step == 0:  # evaluation before training, before anything is written
@@ -892,7 +892,7 @@ def train(c):
             if eval_after:
                 run.add_eval(*eval_after)
             if c["SAVE_MODEL"]:
-                save_models(roles, run.model_dir, env)
+                run.memory["saving"] = save_models(roles, run.model_dir, env)
         return run.finish(eval_after)  # summary.json, the curves, health verdicts
 
 

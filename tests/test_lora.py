@@ -27,7 +27,7 @@ def test_adapters_train_alone_over_a_frozen_base_shared_by_the_frozen_roles(tmp_
     roles = loading.load_roles(c, CPU, torch.float32)
     params = loading.trainable_parameters([roles.actor, roles.critic])  # what train() gives the optimizer
     trainer = ppo.Trainer(roles.actor, roles.critic, params, torch.optim.AdamW(params, lr=c["LEARNING_RATE"]), None)
-    prompts, _ = loading.load_prompt_files(c, roles, ppo.batch_sizes(c, 1), lambda *a: None)
+    prompts, _ = loading.load_prompt_files(c, ppo.DEFAULTS, roles, ppo.batch_sizes(c, 1), lambda *a: None)
     # four roles, two models: the reference is the actor with its adapters off, the reward model the critic
     assert isinstance(roles.ref, loading.AdaptersOff) and roles.ref.module is roles.actor
     assert isinstance(roles.rm.model, loading.AdaptersOff) and roles.rm.model.module is roles.critic

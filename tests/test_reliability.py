@@ -227,8 +227,8 @@ def test_steps_of_nan_scores_stop_the_run_keeping_the_last_good_checkpoint(tmp_p
     r = rows(tmp_path)
     assert [float(x["train/bad_scores"]) for x in r] == [0, 0, 1, 1, 1]
     assert os.listdir(tmp_path / "checkpoints") == ["step_00000002"]
-    s = plumbing.health_verdicts(__import__("pandas").DataFrame([{k: float(v) for k, v in x.items()} for x in r]), 6.0,
-                            None, None)
+    s = plumbing.health_verdicts(__import__("pandas").DataFrame([{k: float(v) for k, v in x.items()} for x in r]),
+                                 config(tmp_path), None, None)
     assert any("non-finite" in h for h in s)
 
 
@@ -238,7 +238,7 @@ def test_health_verdicts_flag_over_optimisation_of_the_reward_model():
 
     def verdicts(gold, ev_gold_after=2.5):
         df = pd.DataFrame({"objective/scores": rm, "objective/gold_scores": gold, "objective/kl": [5.0] * 20})
-        return plumbing.health_verdicts(df, 6.0, {"rm_score": 0.1, "gold_score": 0.3, "kl": 0.0},
+        return plumbing.health_verdicts(df, ppo.DEFAULTS, {"rm_score": 0.1, "gold_score": 0.3, "kl": 0.0},
                                    {"rm_score": 2.2, "gold_score": ev_gold_after, "kl": 5.0})
     assert not any("over-optimisation" in v for v in verdicts([1.0] * 10 + [3.0] * 10))  # gold follows the RM
     assert any("over-optimisation" in v for v in verdicts([1.2] * 20))                   # gold stands still
