@@ -832,4 +832,5 @@ def critic_source(c, tok, rm_model, rm_tok):
            if rm_model.own_pooling else "the reward model's tokenizer differs from the actor's: replies are "
            "re-tokenised for it" if not same_tokens else "the reward model has several outputs")
     return c["ACTOR_MODEL"], "fresh head", f"{why}; the critic is the actor's weights with a new zero-initialised " \
-                                           f"value head"
+        f"value head: it predicts 0 at first (explained variance ~0, GAE then little more than whitened rewards) " \
+        f"and learns at LEARNING_RATE; CRITIC_WARMUP_STEPS and CRITIC_LEARNING_RATE teach it faster"

@@ -418,7 +418,7 @@ class Run:
         self.state.eval_points.append(res)
         if self.state.step == 0 and not self.resume_path:
             self.state.eval_before, self.state.detail_before = res, detail
-            self.log("eval before:", json.dumps({k: round(v, 3) for k, v in res.items()}))
+            self.log("eval before:", json.dumps({k: round(v, 3) for k, v in res.items()}) + unended(res, self.c))
         elif self.finished():
             self.log("eval after: ", json.dumps({k: round(v, 3) for k, v in res.items()}))
             if self.env.master:
@@ -430,7 +430,7 @@ class Run:
         self.csv = open_csv(self.c, self.state, self.about, self.dashboards, self.resume_path, self.move_aside,
                             self.ckpt_dir, self.env.master, self.log)
         self.stop = StopFlag(self.log)
-        self.last_saved = self.state.step if self.resume_path else -1
+        self.last_saved, self.first_step = (self.state.step if self.resume_path else -1), self.state.step + 1
         self.bar = tqdm(range(self.state.step + 1, self.c["TOTAL_STEPS"] + 1), desc="PPO", dynamic_ncols=True,
                         disable=not self.env.master, initial=self.state.step, total=self.c["TOTAL_STEPS"])
         return self
@@ -465,13 +465,12 @@ class Run:
         state.step = step
         state.bad_streak = state.bad_streak + 1 if row["train/bad_scores"] > 0 or row["train/skipped_frac"] > 0 else 0
         if self.env.master:
+            for note in step_notes(row, step == self.first_step, c):
+                self.bar.write(note)
             self.csv.write([row])
             self.dashboards.log(row, step)
             if c["SAMPLE_EVERY"] and (step == 1 or step % c["SAMPLE_EVERY"] == 0):
                 write_samples(self.about["files"]["samples"], step, batch["prompts"], batch, self.dashboards)
-            if row.get("train/groups_short", 0) > 0:
-                self.log(f"note: step {step}: {row['train/groups_short']:.0f} groups of the batch teach nothing (their "
-                         f"replies scored the same) after MAX_EXTRA_ROLLOUTS = {c['MAX_EXTRA_ROLLOUTS']} extra rounds")
             self.bar.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{row['objective/kl']:.2f}",
                                  beta=f"{row['objective/kl_coef']:.3f}",
                                  **({"gold": f"{row['objective/gold_scores']:.2f}"} if c["GOLD_REWARD"] else {}))
@@ -540,6 +539,35 @@ class Run:
         return summary
 
 
+def step_notes(row, first, c):
+    """What a step's row tells the user at once: where the time of the session's first step went, and groups of a
+    dynamic-sampling batch that teach nothing."""
+    notes = [step_time_note(row, c)] if first else []
+    if row.get("train/groups_short", 0) > 0:
+        notes.append(f"note: step {int(row['step'])}: {row['train/groups_short']:.0f} groups of the batch teach "
+                     f"nothing (their replies scored the same) after MAX_EXTRA_ROLLOUTS = {c['MAX_EXTRA_ROLLOUTS']} "
+                     f"extra rounds")
+    return notes
+
+
+def step_time_note(row, c):
+    """Where a step's time went (said once, while there is time to change it)."""
+    g, s, t, step_s = (row[f"time/{k}_s"] for k in ("generate", "score", "train", "step"))
+    return (f"note: step {int(row['step'])} took {step_s:.1f} s: sampling {g:.1f} s (MAX_NEW_TOKENS tokens, one at "
+            f"a time), scoring {s:.1f} s (reference, critic, reward), updating {t:.1f} s (PPO_EPOCHS = "
+            f"{c['PPO_EPOCHS']} passes of forward and backward); about {step_s * c['TOTAL_STEPS'] / 60:.0f} min for "
+            f"TOTAL_STEPS = {c['TOTAL_STEPS']}")
+
+
+def unended(res, c):
+    """A note when most held-out replies of the starting policy run into MAX_NEW_TOKENS."""
+    if res["eos_frac"] >= 0.5:
+        return ""
+    return (f"\nnote: {res['eos_frac']:.0%} of the held-out replies end within MAX_NEW_TOKENS = {c['MAX_NEW_TOKENS']}; "
+            f"the rest are cut off and scored unfinished: raise MAX_NEW_TOKENS, or set MISSING_EOS_PENALTY (cut-off "
+            f"replies cost) or MASK_TRUNCATED (they teach nothing)")
+
+
 def checkpoint_size(path, keep, ckpt_dir):
     """What checkpoints cost on disk, said after the first one."""
     gb = os.path.getsize(os.path.join(path, "state.pt")) / 1e9
@@ -560,7 +588,7 @@ def resume(path, roles, trainer, kl_ctl, score_moments, env, prompt_rng, c, conf
     if score_moments is not None and state.score_moments:
         score_moments.__dict__.update(state.score_moments)
     set_rng_state(saved["rng"][env.rank], prompt_rng)
-    env.log(f"resuming from {path}: step {state.step}, β {kl_ctl.value:.4f}")
+    env.log(f"resuming from {path}: {state.step} steps done, β {kl_ctl.value:.4f}; the next is step {state.step + 1}")
     if state.step >= c["TOTAL_STEPS"]:
         env.log(f"the run in {c['OUTPUT_DIR']} already has {state.step} steps (TOTAL_STEPS = {c['TOTAL_STEPS']}); "
                 f"extend it with --total_steps=N, or start over with --resume=never")
@@ -638,7 +666,7 @@ def describe(c, env, sizes, roles, params, prompts, eval_prompts, metrics_dir, m
     reward = ("a function" if roles.rm is None else "model, same tokenizer" if roles.rm.same_tokenizer else
               "model, own tokenizer (re-tokenising replies)" + (", own pooling" if roles.rm.model.own_pooling else ""))
     reward += " + REWARD_FN" if c["REWARD_FN"] else ""
-    lora = f" (LoRA rank {c['LORA_R']}: adapters and value head)" if roles.adapters else ""
+    lora = f" (LoRA rank {c['LORA_R']}: adapters{' and value head' if roles.critic else ''})" if roles.adapters else ""
     shared = [f"{name} = {of} with its adapters off" for name, role, of in
               (("reference", roles.ref, "actor"), ("reward", roles.rm and roles.rm.model, "critic"))
               if isinstance(role, AdaptersOff)]
@@ -1003,8 +1031,9 @@ def save_models(roles, model_dir, env):
     are: the tokenizer as loaded (its pad a real token), the actor's generation_config ending replies at the run's
     stop tokens, no id of the trainer's own. Under FSDP the full weights are gathered to rank 0 first.
     Under LoRA the adapters are saved in peft's format (actor_adapter, critic_adapter: PeftModel.from_pretrained on
-    the base model) and actor and critic as plain models: the base loaded again on the CPU with the saved adapters
-    merged in (W + B·A·alpha/r, in the base's dtype), so the saved model is the saved adapter by construction."""
+    the base model) and actor and critic as plain models, the adapters merged in (W + B·A·alpha/r, in the base's
+    dtype): in place, at the end of the run (under FSDP into the base loaded again on the CPU). Returns the peak
+    memory of saving (MiB)."""
     memory = {}
     with peak_memory(env.device, memory, "saving"):
         write_models(roles, model_dir, env)
@@ -1028,7 +1057,10 @@ def write_models(roles, model_dir, env):
             from peft import PeftModel
             folder = os.path.join(model_dir, f"{name}_adapter")
             adapter.peft.save_pretrained(folder, state_dict=state)
-            m, state = PeftModel.from_pretrained(adapter.load_base(), folder).merge_and_unload(), None
+            if env.fsdp:  # the full weights were gathered to rank 0's CPU: merged into the base loaded again
+                m, state = PeftModel.from_pretrained(adapter.load_base(), folder).merge_and_unload(), None
+            else:  # merged in place, the run being over: no second copy of the base in memory
+                m = adapter.peft.merge_and_unload()
             m.generation_config, m.config.pad_token_id = actor.generation_config, tok.pad_token_id
         m.save_pretrained(os.path.join(model_dir, name), state_dict=state)
         tok.save_pretrained(os.path.join(model_dir, name))

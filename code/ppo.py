@@ -1,6 +1,6 @@
 """PPO for RLHF, the lesson in one file: Actor, Reference, Reward and Critic, from rollout to clipped update.
 
-    python code/ppo.py                              # the offline demo: ~1.5 min on 2 CPU cores
+    python code/ppo.py                              # the offline demo: ~3 min on 2 CPU cores
     python code/ppo.py --total_steps=50 --temperature=0.7
     python code/ppo.py --help                       # every constant below, with its comment
 

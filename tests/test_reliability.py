@@ -60,7 +60,7 @@ def test_a_checkpoint_from_before_newer_settings_resumes_exactly(tmp_path, capsy
         ppo.train(config(tmp_path / "b", TOTAL_STEPS=4, EVAL_FILE="", KL_IN="loss", RESUME=str(ckpt)))
     capsys.readouterr()
     assert ppo.train(config(tmp_path / "b", TOTAL_STEPS=4, EVAL_FILE=""))["steps"] == 4
-    assert f"resuming from {ckpt}: step 2" in capsys.readouterr().out
+    assert f"resuming from {ckpt}: 2 steps done" in capsys.readouterr().out
     assert_same_rows(rows(tmp_path / "a"), rows(tmp_path / "b"))
 
 
@@ -105,7 +105,7 @@ def test_sigterm_stops_after_the_step_in_flight_and_resumes(tmp_path):
     r = subprocess.run([sys.executable, SCRIPT, f"--output_dir={out}", f"--total_steps={done + 2}",
                         "--save_every=1000"] + SMALL, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"step {done}" in r.stdout
+    assert f"step_{done:08d}: {done} steps done" in r.stdout
     assert [int(x["step"]) for x in rows(out)] == list(range(1, done + 3))
     assert "taking it over" not in r.stdout and not (out / plumbing.LOCK_FILE).exists()  # SIGTERM gave the lock back
 
@@ -132,7 +132,7 @@ def test_a_half_written_checkpoint_is_skipped_and_said(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"note: {tmp_path}/checkpoints/step_00000002 is incomplete (a run stopped while writing it) and is " \
            f"skipped; the newest complete one is {tmp_path}/checkpoints/step_00000001" in out
-    assert f"resuming from {tmp_path}/checkpoints/step_00000001: step 1" in out
+    assert f"resuming from {tmp_path}/checkpoints/step_00000001: 1 steps done" in out
 
 
 def test_ctrl_c_during_setup_says_there_is_nothing_to_resume(tmp_path):
@@ -171,7 +171,7 @@ def test_a_full_disk_keeps_the_earlier_checkpoint_and_the_run_resumes(full_disk,
     shutil.copytree(out, tmp_path / "moved")  # with room again, the same command resumes from step 1
     r = subprocess.run(args + [f"--output_dir={tmp_path / 'moved'}"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
-    assert r.returncode == 0 and "step_00000001: step 1" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == 0 and "step_00000001: 1 steps done" in r.stdout, r.stderr[-2000:]
     assert [int(x["step"]) for x in rows(tmp_path / "moved")] == [1, 2, 3, 4]
 
 
