@@ -184,18 +184,21 @@ def busy_cores(window=0.2):
     return cpus * (1 - (idle1 - idle0) / max(1, total1 - total0))
 
 
+_torch_threads = torch.get_num_threads()  # torch's own default (the physical cores), before any run changes it
+
+
 def choose_threads(setting, local_processes=1):
     """torch's CPU threads: THREADS, else OMP_NUM_THREADS when set, else ("auto") torch's default (the physical
     cores, shared among this machine's torchrun processes) less the cores other programs keep busy now, at least 1.
     Why: with one thread per core already taken, a step of many small ops waits at every OpenMP barrier for a thread
-    that another process holds (README, Performance: on the demo, 5x slower with 2 threads on a 2-core machine where
-    one other process runs, and no slower with 1). Returns (threads, why) and sets them."""
+    that another process holds (README, Performance: with one of 2 cores busy, a demo step took 4.1x a quiet one at
+    2 threads and 1.2x at 1; SmolLM2's 3.3x and 1.5x). Returns (threads, why) and sets them."""
     if setting != "auto":
         n, why = int(setting), f"THREADS = {setting}"
     elif os.environ.get("OMP_NUM_THREADS"):
-        n, why = torch.get_num_threads(), f"OMP_NUM_THREADS = {os.environ['OMP_NUM_THREADS']}"
+        n, why = _torch_threads, f"OMP_NUM_THREADS = {os.environ['OMP_NUM_THREADS']}"
     else:
-        share = max(1, torch.get_num_threads() // local_processes)
+        share = max(1, _torch_threads // local_processes)
         busy = busy_cores()
         free = share if busy is None else min(share, round((os.cpu_count() or 1) - busy))
         n = max(1, free)
