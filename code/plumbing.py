@@ -1333,9 +1333,12 @@ def health_verdicts(df, c, eval_before, eval_after, rm="RM"):
     if ev < 0.05:
         out.append(f"CHECK: value explained variance {ev:.2f} (mean value {f(last, 'val/mean_value'):.2f}, mean "
                    f"score {s1:.2f}): the critic predicts the returns {'worse than' if ev < 0 else 'no better than'} "
-                   f"their mean, so the advantages are little more than whitened rewards; a fresh value head learns "
-                   f"slowly at the actor's rate: give it CRITIC_WARMUP_STEPS (e.g. 10) and a CRITIC_LEARNING_RATE "
-                   f"(e.g. 10 x LEARNING_RATE), or go critic-free (ADVANTAGE = grpo or rloo)")
+                   f"their mean, so the advantages are little more than whitened rewards; " + (
+                       "a fresh value head learns slowly at the actor's rate: give it CRITIC_WARMUP_STEPS (e.g. 10) "
+                       "and a CRITIC_LEARNING_RATE (e.g. 10 x LEARNING_RATE), or go critic-free (ADVANTAGE = grpo or "
+                       "rloo)" if not (c["CRITIC_WARMUP_STEPS"] or c["CRITIC_LEARNING_RATE"]) else
+                       "with CRITIC_WARMUP_STEPS / CRITIC_LEARNING_RATE set already, give it more warm-up steps or a "
+                       "larger rollout batch (MINI_BATCH_SIZE, PPO_BUFFER_SIZE), or go critic-free (ADVANTAGE = grpo)"))
     q0, q1 = f(first, "resp/eos_frac"), f(last, "resp/eos_frac")
     if q1 < 0.5 and q1 < q0 - 0.1 or q1 < 0.1:
         out.append(f"WARNING: {q1:.0%} of replies end with a stop token (at the start: {q0:.0%}); the others are cut "

@@ -66,6 +66,9 @@ def test_a_critic_that_explains_nothing_is_told_how_to_learn():
                            "objective/scores": [1.0] * 16}))
     critic = [x for x in v if "explained variance" in x][0]
     assert "CRITIC_WARMUP_STEPS" in critic and "CRITIC_LEARNING_RATE" in critic and "grpo" in critic
+    warmed = [x for x in verdicts(run_of(**{"val/explained_var": [0.0] * 16, "objective/scores": [1.0] * 16}),
+                                  CRITIC_WARMUP_STEPS=4) if "explained variance" in x][0]
+    assert "set already" in warmed and "larger rollout batch" in warmed
 
 
 def test_the_kl_verdict_says_what_the_controller_can_do_at_this_batch_size():
