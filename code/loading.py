@@ -28,6 +28,7 @@ import torch
 # peft calls a transformers method that transformers 5 renamed, and transformers warns each time (3 times a LoRA run)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
+
 class ConfigError(Exception):
     """An expected mistake in the user's input: reported as one line, exit code 2, no traceback."""
 

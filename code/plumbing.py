@@ -417,7 +417,7 @@ class Run:
     def add_eval(self, res, detail):
         """Keep a held-out evaluation (before training, during it, or after); returns its CSV columns."""
         self.state.timing["eval"] += detail["seconds"]
-        self.memory["evaluation"] = max(self.memory.get("evaluation", 0.0), detail["peak_mb"])
+        self.memory["evaluation"] = max(self.memory.get("evaluation", detail["peak_mb"]), detail["peak_mb"])
         self.state.eval_points.append(res)
         if self.state.step == 0 and not self.resume_path:
             self.state.eval_before, self.state.detail_before = res, detail
@@ -558,8 +558,9 @@ def step_time_note(row, c):
     g, s, t, step_s = (row[f"time/{k}_s"] for k in ("generate", "score", "train", "step"))
     return (f"note: step {int(row['step'])} took {step_s:.1f} s: sampling {g:.1f} s (MAX_NEW_TOKENS tokens, one at "
             f"a time), scoring {s:.1f} s (reference, critic, reward), updating {t:.1f} s (PPO_EPOCHS = "
-            f"{c['PPO_EPOCHS']} passes of forward and backward); about {step_s * c['TOTAL_STEPS'] / 60:.0f} min for "
-            f"TOTAL_STEPS = {c['TOTAL_STEPS']}")
+            f"{c['PPO_EPOCHS']} passes of forward and backward); about "
+            f"{step_s * (c['TOTAL_STEPS'] - row['step'] + 1) / 60:.0f} min for the steps left to TOTAL_STEPS = "
+            f"{c['TOTAL_STEPS']}")
 
 
 def unended(res, c):

@@ -33,8 +33,8 @@ import torch
 from loading import (PAD_ID, ConfigError, frozen_forward, left_pad, last_index, load_prompt_files, load_roles,
                      load_score_fn, model_inputs, position_ids_of, trainable_parameters)
 from plumbing import (Run, all_gather_list, all_mean, all_reduce_sum, dist_on, gradient_sync, group_rows,
-                      hold_output_dir, leave, lr_schedule, main, merge_rollouts, peak_memory, peak_memory_mb,
-                      reset_peak_memory, save_models, setup, world_size, wrap_for_training)
+                      hold_output_dir, leave, lr_schedule, main, merge_rollouts, peak_memory, save_models, setup,
+                      world_size, wrap_for_training)
 
 _IMPORTED = set(globals())  # names above the config block (PAD_ID is the trainer's, not a setting)
 
@@ -688,7 +688,7 @@ def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum, warmup=False)
         loss = loss + (0.0 if warmup else batch["beta"] * kl_loss)
         stats["loss/kl_avg"] = kl_loss.detach()
     # the actor's backward, then the critic's: the joint loss's gradients (no shared weights), half the activations
-    if torch.is_tensor(loss) and loss.requires_grad:
+    if not warmup:  # in a critic warm-up step the actor's numbers are only measured
         (loss / accum).backward()
     if critic is not None:
         new_values = critic_values(critic, mb_ids, mb_attn, mb_ctx)
@@ -817,12 +817,11 @@ def evaluate(roles, prompts, c, gold, step):
     reference (nats per reply), gold score, reply length, EOS rate and diversity; under torchrun each rank takes an
     equal share, gathered in order. Returns (results with the step, per-prompt detail with its seconds and peak MiB)."""
     t0, n = time.perf_counter(), c["MINI_BATCH_SIZE"] * c["GRAD_ACCUM"] * c["PPO_BUFFER_SIZE"]  # a rollout batch
-    reset_peak_memory(roles.device)
     rank, world = (torch.distributed.get_rank(), world_size()) if dist_on() else (0, 1)
     mine = prompts[rank * (len(prompts) // world):(rank + 1) * (len(prompts) // world)]
-    out = {"rm": [], "kl": [], "len": [], "eos": [], "replies": [], "tokens": []}
+    out, memory = {"rm": [], "kl": [], "len": [], "eos": [], "replies": [], "tokens": []}, {}
     with torch.random.fork_rng(devices=[roles.device] if roles.device.type == "cuda" else []), \
-            autocast(roles.device, roles.dtype):
+            autocast(roles.device, roles.dtype), peak_memory(roles.device, memory, "peak_mb"):
         torch.manual_seed(c["SEED"] + 1 + rank)
         for i in range(0, len(mine), n):
             batch = judge(roles, mine[i:i + n], generate(roles, mine[i:i + n], c), c)
@@ -840,8 +839,7 @@ def evaluate(roles, prompts, c, gold, step):
            **diversity(out.pop("tokens"))}
     if gold:
         res["gold_score"] = float(np.mean(out["gold"]))
-    out.update(prompts=[p.conv for p in prompts], seconds=time.perf_counter() - t0,
-               peak_mb=peak_memory_mb(roles.device))
+    out.update(prompts=[p.conv for p in prompts], seconds=time.perf_counter() - t0, **memory)
     return dict(res, step=step), out
 
 
