@@ -2,7 +2,8 @@
 
     models and tokenizers   load_model, load_tokenizer: local folders or hub names, every refusal one clear line
     stop tokens             stop_token_ids: the ids that end a reply (chat models end turns with their own tokens)
-    LoRA                    add_adapters (peft), AdaptersOff: a frozen role that is a trained one with adapters off
+    LoRA                    add_adapters (peft), AdaptersOff: a frozen role that is a trained one with adapters off;
+                            share_frozen_base: a critic made of the actor reads the actor's frozen weights
     the reward              RewardScorer (a reward model, three ways of reading it), RewardFunction (a .py file)
     the four roles          Roles, load_roles: which role comes from where, decided in one place
     prompts                 load_prompts: JSON, JSONL or Parquet files in Alpaca, chat, ShareGPT or prompt format
@@ -355,6 +356,18 @@ class AdaptersOff:
 
     def __getattr__(self, name):
         return getattr(self.module, name)
+
+
+def share_frozen_base(actor, critic):
+    """Under LoRA a critic made of the actor's checkpoint and a fresh value head holds the actor's frozen base
+    weights, not a second copy of them (one backbone in memory, two sets of adapters): each parameter of the critic's
+    backbone reads the storage of the actor's parameter of the same name. Both stay frozen; the adapters never
+    write to the base, and the merge at save copies before it adds (peft's safe_merge)."""
+    own = {n.replace(".base_layer", ""): p  # the actor's adapters are in place: its layers' weights are base_layer's
+           for n, p in getattr(actor, actor.base_model_prefix).named_parameters()}
+    for name, p in getattr(critic, critic.base_model_prefix).named_parameters():
+        if name in own and own[name].shape == p.shape and own[name].dtype == p.dtype:
+            p.data = own[name].data
 
 
 def trainable_parameters(modules):
@@ -761,7 +774,7 @@ def load_roles(c, device, dtype, sync_stop=False):
                    REWARD_FN adds a function's score to it
         Critic     critic_source(): none (critic-free), CRITIC_MODEL, a trained copy of the reward model, or the
                    actor's weights with a fresh value head; under LoRA, when it is the reward model, the Reward
-                   role is the critic with its adapters off
+                   role is the critic with its adapters off, and a fresh-head critic reads the actor's frozen base
     LoRA (LORA_R > 0): only adapters (and the critic's value head) train, in fp32, over a base stored in `dtype`."""
     lora = c["LORA_R"] > 0
     base_dtype = dtype if lora else torch.float32  # a trained model's weights: under LoRA its base is frozen
@@ -789,6 +802,10 @@ def load_roles(c, device, dtype, sync_stop=False):
         critic = rm_model.to(device)
     elif critic_path:
         critic = load_model("score", critic_path, "CRITIC_MODEL", device, base_dtype, fresh_value_head=fresh)
+        if lora and fresh and not sync_stop:  # FSDP shards each model on its own: there each keeps its copy
+            share_frozen_base(actor, critic.model)
+            notes.append("LoRA: the critic's frozen base is the actor's, held once in memory (two sets of adapters "
+                         "over one backbone; the value head is the critic's own)")
     if lora and critic is not None:
         adapters["critic"] = Adapter(add_adapters(critic.model, c, "SEQ_CLS"), lambda: load_model(
             "score", critic_path, "CRITIC_MODEL", torch.device("cpu"), base_dtype, fresh_value_head=fresh).model)

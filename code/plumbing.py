@@ -1063,8 +1063,9 @@ def write_models(roles, model_dir, env):
             adapter.peft.save_pretrained(folder, state_dict=state)
             if env.fsdp:  # the full weights were gathered to rank 0's CPU: merged into the base loaded again
                 m, state = PeftModel.from_pretrained(adapter.load_base(), folder).merge_and_unload(), None
-            else:  # merged in place, the run being over: no second copy of the base in memory
-                m = adapter.peft.merge_and_unload()
+            else:  # merged at the end of the run, a layer at a time: no second copy of the base in memory;
+                # safe_merge adds into a copy of each weight, as the critic may read the actor's (share_frozen_base)
+                m = adapter.peft.merge_and_unload(safe_merge=True)
             m.generation_config, m.config.pad_token_id = actor.generation_config, tok.pad_token_id
         m.save_pretrained(os.path.join(model_dir, name), state_dict=state)
         tok.save_pretrained(os.path.join(model_dir, name))
@@ -1335,7 +1336,8 @@ def health_verdicts(df, c, eval_before, eval_after, rm="RM"):
         out.append(f"CHECK: value explained variance {ev:.2f} (mean value {f(last, 'val/mean_value'):.2f}, mean "
                    f"score {s1:.2f}): the critic predicts the returns {'worse than' if ev < 0 else 'no better than'} "
                    f"their mean, so the advantages are little more than whitened rewards; " + (
-                       "a fresh value head learns slowly at the actor's rate: give it CRITIC_WARMUP_STEPS (e.g. 10) "
+                       "at the actor's rate a critic may learn too slowly (a fresh value head starts from 0): give "
+                       "it CRITIC_WARMUP_STEPS (e.g. 10) "
                        "and a CRITIC_LEARNING_RATE (e.g. 10 x LEARNING_RATE), or go critic-free (ADVANTAGE = grpo or "
                        "rloo)" if not (c["CRITIC_WARMUP_STEPS"] or c["CRITIC_LEARNING_RATE"]) else
                        "with CRITIC_WARMUP_STEPS / CRITIC_LEARNING_RATE set already, give it more warm-up steps or a "

@@ -142,3 +142,27 @@ def test_torchrun_with_lora(mode, tmp_path):
     ids = torch.tensor([[5, 17, 40, 41, 9, 88, 3, 1]])
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
+
+
+def test_a_critic_made_of_the_actor_shares_its_frozen_base_and_trains_and_saves_the_same(tmp_path, monkeypatch):
+    """A reward function: the critic is the actor's checkpoint with a fresh value head. Under LoRA its frozen base is
+    the actor's tensors (one copy in memory), and the run, the saved merged models included, is what two copies give."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    c = dict(TOTAL_STEPS=2, EVAL_FILE="", SAVE_MODEL=True, REWARD_MODEL="data/demo_gold_reward.py", **LORA)
+    roles = loading.load_roles(make_config(tmp_path / "x", **c), CPU, torch.float32)
+    actor_ptrs = {p.data_ptr() for p in roles.actor.parameters() if not p.requires_grad}
+    backbone = getattr(roles.critic.model, roles.critic.model.base_model_prefix)
+    critic_frozen = [p for p in backbone.parameters() if not p.requires_grad]
+    assert critic_frozen and all(p.data_ptr() in actor_ptrs for p in critic_frozen)
+    assert any("critic's frozen base is the actor's" in n for n in roles.notes)
+    ppo.train(make_config(tmp_path / "shared", **c))
+    monkeypatch.setattr(loading, "share_frozen_base", lambda actor, critic: None)  # two copies, as before
+    ppo.train(make_config(tmp_path / "copies", **c))
+    assert_same_rows(rows(tmp_path / "shared"), rows(tmp_path / "copies"))
+    for kind, auto in (("actor", AutoModelForCausalLM), ("critic", AutoModelForSequenceClassification)):
+        a, b = (dict(auto.from_pretrained(tmp_path / run / "ppo_model" / kind).named_parameters())
+                for run in ("shared", "copies"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
+    sft = dict(AutoModelForCausalLM.from_pretrained(SFT).named_parameters())
+    merged = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "shared/ppo_model/actor").named_parameters())
+    assert any(not torch.equal(merged[k], sft[k]) for k in sft)  # the adapters were merged into the actor
