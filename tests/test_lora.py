@@ -128,10 +128,13 @@ def test_lora_mistakes_are_one_clear_line(tmp_path, monkeypatch):
         loading.load_roles(make_config(tmp_path, LORA_R=4), CPU, torch.float32)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_with_lora(mode, tmp_path):
-    r = torchrun(["--eval_size=4", "--lora_r=8", "--learning_rate=3e-3", f"--distributed={mode}"], tmp_path)
+@pytest.mark.parametrize("mode,reward", [("ddp", RM), ("fsdp", RM), ("ddp", "data/demo_gold_reward.py")],
+                         ids=["ddp", "fsdp", "ddp-critic-of-the-actor"])  # the last: critic and actor share a base
+def test_torchrun_with_lora(mode, reward, tmp_path):
+    r = torchrun(["--eval_size=4", "--lora_r=8", "--learning_rate=3e-3", f"--distributed={mode}",
+                  f"--reward_model={reward}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (reward == RM) != ("critic's frozen base is the actor's" in r.stdout)
     out = rows(tmp_path)
     assert len(out) == 2 and all(float(x["dist/ranks_in_sync"]) == 1.0 for x in out)
     assert abs(float(out[0]["objective/kl"])) < 1e-4
