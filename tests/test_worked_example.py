@@ -72,4 +72,7 @@ def test_held_out_diversity_is_logged_and_a_template_policy_is_caught(tmp_path):
     before = {"distinct_2": 0.207, "ent_2": 6.1}
     verdict = plumbing.diversity_verdict(before, {"distinct_2": 0.101, "ent_2": 4.0})
     assert verdict[0].startswith("WARNING: held-out distinct-2 0.207 -> 0.101 (0.49 x the starting policy's)")
+    assert "add an entropy bonus (ENTROPY_COEF" in verdict[0]
+    critic_free = plumbing.diversity_verdict(before, {"distinct_2": 0.101, "ent_2": 4.0}, "grpo")[0]
+    assert "made critic-free runs diverge" in critic_free and "add an entropy bonus" not in critic_free
     assert plumbing.diversity_verdict(before, {"distinct_2": 0.19, "ent_2": 6.0})[0].startswith("OK")
