@@ -106,7 +106,7 @@ THREADS = "auto"                         # CPU threads: "auto" = the cores not b
 GRADIENT_CHECKPOINTING = False           # recompute activations in the backward: less memory, one more forward
 OFFLOAD_FROZEN = False                   # keep reference and reward model on the CPU between uses (frees GPU memory)
 DISTRIBUTED = "ddp"                      # under torchrun: "ddp" (a copy per GPU) or "fsdp" (FSDP2: shard them)
-# LoRA (needs peft): train low-rank adapters; the Reference and Reward model then share the trained models' weights
+# LoRA (needs peft): train low-rank adapters; Reference, Reward model and a critic of the actor share the frozen bases
 LORA_R = 0                               # adapter rank; 0 = off: full fine-tuning (7B on one GPU: 16-64)
 LORA_ALPHA = 32                          # adapter scale: a layer's update is B·A·LORA_ALPHA/LORA_R
 LORA_TARGET_MODULES = "all-linear"       # layers given adapters: "all-linear" (but the output head), or names
