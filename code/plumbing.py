@@ -1340,9 +1340,9 @@ def health_verdicts(df, c, eval_before, eval_after, rm="RM"):
                    f"score {s1:.2f}): the critic predicts the returns {'worse than' if ev < 0 else 'no better than'} "
                    f"their mean, so the advantages are little more than whitened rewards; " + (
                        "at the actor's rate a critic may learn too slowly (a fresh value head starts from 0): give "
-                       "it CRITIC_WARMUP_STEPS (e.g. 10) "
-                       "and a CRITIC_LEARNING_RATE (e.g. 10 x LEARNING_RATE), or go critic-free (ADVANTAGE = grpo or "
-                       "rloo)" if not (c["CRITIC_WARMUP_STEPS"] or c["CRITIC_LEARNING_RATE"]) else
+                       "it CRITIC_WARMUP_STEPS (e.g. 10) and a CRITIC_LEARNING_RATE (e.g. 10 x LEARNING_RATE), or go "
+                       "critic-free (ADVANTAGE = grpo or rloo)"
+                       if not (c["CRITIC_WARMUP_STEPS"] or c["CRITIC_LEARNING_RATE"]) else
                        "with CRITIC_WARMUP_STEPS / CRITIC_LEARNING_RATE set already, give it more warm-up steps or a "
                        "larger rollout batch (MINI_BATCH_SIZE, PPO_BUFFER_SIZE), or go critic-free (ADVANTAGE = grpo)"))
     q0, q1 = f(first, "resp/eos_frac"), f(last, "resp/eos_frac")
