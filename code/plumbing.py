@@ -1039,8 +1039,8 @@ def save_models(roles, model_dir, env):
     stop tokens, no id of the trainer's own. Under FSDP the full weights are gathered to rank 0 first.
     Under LoRA the adapters are saved in peft's format (actor_adapter, critic_adapter: PeftModel.from_pretrained on
     the base model) and actor and critic as plain models, the adapters merged in (W + B·A·alpha/r, in the base's
-    dtype): in place, at the end of the run (under FSDP into the base loaded again on the CPU). Returns the peak
-    memory of saving (MiB)."""
+    dtype): into the running model at the end of the run, a layer at a time (under FSDP into the base loaded again
+    on the CPU). Returns the peak memory of saving (MiB)."""
     memory = {}
     with peak_memory(env.device, memory, "saving"):
         write_models(roles, model_dir, env)

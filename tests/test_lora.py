@@ -9,7 +9,7 @@ import torch
 import loading
 import ppo
 
-from conftest import RM, SFT, assert_same_rows, make_config, metrics_rows as rows, torchrun
+from conftest import RM, ROOT, SFT, assert_same_rows, make_config, metrics_rows as rows, torchrun
 
 pytest.importorskip("peft", reason="the test command installs peft")  # CI installs it: this never skips there
 CPU = torch.device("cpu")
@@ -151,7 +151,8 @@ def test_a_critic_made_of_the_actor_shares_its_frozen_base_and_trains_and_saves_
     """A reward function: the critic is the actor's checkpoint with a fresh value head. Under LoRA its frozen base is
     the actor's tensors (one copy in memory), and the run, the saved merged models included, is what two copies give."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    c = dict(TOTAL_STEPS=2, EVAL_FILE="", SAVE_MODEL=True, REWARD_MODEL="data/demo_gold_reward.py", **LORA)
+    c = dict(TOTAL_STEPS=2, EVAL_FILE="", SAVE_MODEL=True, REWARD_MODEL=os.path.join(ROOT, "data/demo_gold_reward.py"),
+             **LORA)
     roles = loading.load_roles(make_config(tmp_path / "x", **c), CPU, torch.float32)
     actor_ptrs = {p.data_ptr() for p in roles.actor.parameters() if not p.requires_grad}
     backbone = getattr(roles.critic.model, roles.critic.model.base_model_prefix)
