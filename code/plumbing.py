@@ -10,6 +10,7 @@
 
 Settings reach this module as arguments (the config dict `c` and the defaults of code/ppo.py); it never imports ppo.
 """
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -274,9 +275,9 @@ POSITIVE_INTS = ("MINI_BATCH_SIZE", "GRAD_ACCUM", "PPO_BUFFER_SIZE", "PPO_EPOCHS
                  "MAX_PROMPT_TOKENS", "KEEP_CHECKPOINTS", "MAX_BAD_STEPS", "SAMPLES_PER_PROMPT")
 NON_NEGATIVE = ("TOTAL_STEPS", "EVAL_EVERY", "SAMPLE_EVERY", "EVAL_SIZE", "SAVE_EVERY", "WARMUP_STEPS", "LORA_R",
                 "INIT_KL_COEF", "CLIP_RANGE", "CLIP_RANGE_VALUE", "VF_COEF", "MAX_GRAD_NORM", "SCORE_CLIP",
-                "MISSING_EOS_PENALTY", "WEIGHT_DECAY", "SCORE_TIMEOUT", "ENTROPY_COEF", "CRITIC_WARMUP_STEPS",
-                "CRITIC_LEARNING_RATE", "OVERLONG_BUFFER", "OVERLONG_PENALTY", "CLIP_RANGE_HIGH", "DUAL_CLIP",
-                "MAX_EXTRA_ROLLOUTS")
+                "MISSING_EOS_PENALTY", "WEIGHT_DECAY", "SCORE_TIMEOUT", "ENTROPY_COEF", "ENTROPY_FLOOR",
+                "CRITIC_WARMUP_STEPS", "CRITIC_LEARNING_RATE", "OVERLONG_BUFFER", "OVERLONG_PENALTY", "CLIP_RANGE_HIGH",
+                "DUAL_CLIP", "MAX_EXTRA_ROLLOUTS")
 POSITIVE = ("PPO_TARGET", "TEMPERATURE", "KL_HORIZON", "LEARNING_RATE", "ADAM_EPS", "LORA_ALPHA", "SEQ_CLIP_RANGE")
 UNIT_INTERVAL = ("GAMMA", "LAM")
 CHOICES = {"ADVANTAGE": ("gae", "grpo", "rloo", "reinforce++"), "KL_IN": ("reward", "loss"),
@@ -543,9 +544,14 @@ class Run:
 
 
 def step_notes(row, first, c):
-    """What a step's row tells the user at once: where the time of the session's first step went, and groups of a
-    dynamic-sampling batch that teach nothing."""
+    """What a step's row tells the user at once: where the time of the session's first step went, the entropy floor
+    (set by step 1), and groups of a dynamic-sampling batch that teach nothing."""
     notes = [step_time_note(row, c)] if first else []
+    h = row.get("policy/entropy_avg", math.nan)
+    if row["step"] == 1 and c["ENTROPY_COEF"] and c["ENTROPY_FLOOR"] and math.isfinite(h):
+        notes.append(f"note: from step 2 the entropy bonus (ENTROPY_COEF = {c['ENTROPY_COEF']:g}) holds the entropy at "
+                     f">= {c['ENTROPY_FLOOR'] * h:.3f} nats/token (ENTROPY_FLOOR = {c['ENTROPY_FLOOR']:g} x step 1's "
+                     f"{h:.3f}), and acts only below it")
     if row.get("train/groups_short", 0) > 0:
         notes.append(f"note: step {int(row['step'])}: {row['train/groups_short']:.0f} groups of the batch teach "
                      f"nothing (their replies scored the same) after MAX_EXTRA_ROLLOUTS = {c['MAX_EXTRA_ROLLOUTS']} "
@@ -664,9 +670,10 @@ def describe(c, env, sizes, roles, params, prompts, eval_prompts, metrics_dir, m
     log("batch:", describe_sizes(sizes))
     for n in roles.notes:
         log("note:", n)
-    if c["ENTROPY_COEF"] and c["ADVANTAGE"] != "gae":
-        log(f"note: an entropy bonus with ADVANTAGE = {c['ADVANTAGE']!r}: on the demo 0.07 made grpo diverge (held-out "
-            f"KL 26-61 nats; README, \"The repeater across replies\"); watch objective/kl")
+    if c["ENTROPY_COEF"] and not c["ENTROPY_FLOOR"] and c["ADVANTAGE"] != "gae":
+        log(f"note: an entropy bonus without a floor (ENTROPY_FLOOR = 0) with ADVANTAGE = {c['ADVANTAGE']!r}: on the "
+            f"demo 0.07 made grpo diverge (held-out KL 26-61 nats; README, \"The repeater across replies\"); watch "
+            f"objective/kl")
     log("stop tokens (a reply ends at any):",
         ", ".join(f"{tok.convert_ids_to_tokens(i)!r} ({i})" for i in roles.stop_ids))
     trained = sum(p.numel() for p in params)
@@ -1246,9 +1253,10 @@ def smooth(series):
     return series.rolling(max(1, len(series) // 20), center=True, min_periods=1).mean()
 
 
-def plot_curves(df, path, target, eval_points, rm="RM"):
+def plot_curves(df, path, target, eval_points, rm="RM", floor=0.0):
     """One figure, read at a glance: smoothed lines over faint raw points, one panel per PANELS entry (the metrics
-    METRICS assigns to it), and the held-out evaluation. rm: what the score is called ("RM", "reward-function")."""
+    METRICS assigns to it), and the held-out evaluation. rm: what the score is called ("RM", "reward-function");
+    floor: the entropy floor of the bonus (0: none drawn)."""
     fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     x = df["step"]
     for ax, title in zip(axes.flat, PANELS):
@@ -1261,6 +1269,8 @@ def plot_curves(df, path, target, eval_points, rm="RM"):
             ax.plot(x, smooth(df[col]), "-", color=color, label=label.replace("RM", rm), linewidth=1.8)
         if title == KL_PANEL:
             ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:g}")
+        if title == "entropy (nats/token)" and floor:
+            ax.axhline(floor, color="k", linestyle="--", linewidth=1, label=f"floor {floor:.2f} (ENTROPY_FLOOR)")
         ax.set_title(title)
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
@@ -1283,6 +1293,13 @@ def plot_curves(df, path, target, eval_points, rm="RM"):
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def entropy_floor(rows, c):
+    """ENTROPY_FLOOR x the policy's entropy at the first step that measured it (nats per token; read from the CSV's
+    rows, so a resumed run holds the same floor), or 0: before that step, or with no floor or no entropy bonus."""
+    first = [h for h in (r.get("policy/entropy_avg", math.nan) for r in rows) if math.isfinite(h)]
+    return c["ENTROPY_FLOOR"] * first[0] if first and c["ENTROPY_COEF"] else 0.0
 
 
 def verdict_window(n):
@@ -1423,11 +1440,25 @@ def controller_reach(df, c):
     return reach
 
 
-def diversity_verdict(eval_before, eval_after, advantage="gae", floor=0.6):
+def diversity(replies):
+    """How different replies are from one another (the 复读机 across replies, unseen by ppo.repetition_rate): distinct-1/2,
+    the share of their token n-grams that are distinct (Li et al. 2016, arXiv:1510.03055), and ent-2, the entropy in
+    nats of their bigrams (Zhang et al. 2018, arXiv:1809.05972: also how evenly used). replies: token id lists."""
+    out = {}
+    for n in (1, 2):
+        grams = [tuple(r[i:i + n]) for r in replies for i in range(len(r) - n + 1)]
+        out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    counts = np.array(list(collections.Counter(grams).values()), dtype=np.float64)  # bigrams, from the last pass
+    p = counts / counts.sum() if len(counts) else counts
+    out["ent_2"] = float(-(p * np.log(p)).sum())
+    return out
+
+
+def diversity_verdict(eval_before, eval_after, c, floor=0.6):
     """Whether the held-out replies stayed diverse across prompts: distinct-2 after training against `floor` x the
     starting policy's (a policy that answers every prompt with one template passes the within-reply repetition
-    check, not this one). The advice is what was measured on the demo (README, "The repeater across replies"): an
-    entropy bonus helps GAE and made critic-free runs diverge."""
+    check, not this one). The advice is what was measured on the demo (README, "The repeater across replies"): the
+    entropy bonus with a floor kept it for GAE and GRPO; without a floor it made critic-free runs diverge."""
     if not (eval_before and eval_after and "distinct_2" in eval_before and "distinct_2" in eval_after):
         return []
     d0, d1, e0, e1 = (eval_before["distinct_2"], eval_after["distinct_2"], eval_before["ent_2"], eval_after["ent_2"])
@@ -1435,10 +1466,14 @@ def diversity_verdict(eval_before, eval_after, advantage="gae", floor=0.6):
     numbers = (f"held-out distinct-2 {d0:.3f} -> {d1:.3f} ({ratio:.2f} x the starting policy's), ent-2 {e0:.2f} -> "
                f"{e1:.2f}")
     if ratio < floor:
-        fix = ("add an entropy bonus (ENTROPY_COEF; on the demo 0.07 kept 0.64-0.85 x of it for ~0.3 less gold) or "
-               "keep the KL leash tighter (a lower PPO_TARGET, a larger INIT_KL_COEF)" if advantage == "gae" else
-               "keep the KL leash tighter (a lower PPO_TARGET, a larger INIT_KL_COEF); an entropy bonus made "
-               "critic-free runs diverge on the demo")
+        leash = "keep the KL leash tighter (a lower PPO_TARGET, a larger INIT_KL_COEF)"
+        if not c["ENTROPY_COEF"]:
+            fix = f"turn the entropy bonus on (ENTROPY_COEF with ENTROPY_FLOOR, the defaults) or {leash}"
+        elif not c["ENTROPY_FLOOR"]:
+            fix = f"give the entropy bonus a floor (ENTROPY_FLOOR; without one it made grpo diverge) or {leash}"
+        else:
+            fix = (f"hold the entropy higher (ENTROPY_FLOOR = {c['ENTROPY_FLOOR']:g} closer to 1, or a larger "
+                   f"ENTROPY_COEF than {c['ENTROPY_COEF']:g}) or {leash}")
         return [f"WARNING: {numbers}: the policy gives many prompts the same reply (复读机 across replies); {fix}"]
     return [f"OK: {numbers}"]
 
@@ -1481,7 +1516,7 @@ def build_summary(status, state, c, defaults, about, notes, eval_after=None, det
         "status": status,
         "health": health_verdicts(df, c, eval_before, eval_after,
                                   "reward-function" if models.get("reward_is_function") else "RM")
-        + diversity_verdict(eval_before, eval_after, c["ADVANTAGE"]),
+        + diversity_verdict(eval_before, eval_after, c),
         "eval_before": eval_before, "eval_after": eval_after, "eval_points": state.eval_points,
         "metrics": {k: summarise(df, k, best) for k, (_, _, best) in METRICS.items() if best},
         "steps": state.step, "episodes": state.step * derived["ROLLOUT_BATCH"],
@@ -1555,7 +1590,8 @@ def write_reports(summary, state, metrics_dir, c):
     """summary.json and training_curves.png, each written atomically."""
     if state.rows:
         plot_curves(pd.DataFrame(state.rows), os.path.join(metrics_dir, "training_curves.png"), c["PPO_TARGET"],
-                    state.eval_points, "reward-function" if summary["models"].get("reward_is_function") else "RM")
+                    state.eval_points, "reward-function" if summary["models"].get("reward_is_function") else "RM",
+                    entropy_floor(state.rows, c))
     atomic_write(os.path.join(metrics_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
 
 

@@ -20,7 +20,6 @@ Everything the run writes goes under OUTPUT_DIR, read in this order:
     ppo_metrics/config.json, samples.jsonl, worked_example.md,  ppo_model/actor, ppo_model/critic,  checkpoints/
 README.md explains outputs, settings and errors; "implementation details #k" is docs/ppo-implementation-details.md.
 """
-import collections
 import contextlib
 import dataclasses
 import math
@@ -32,9 +31,9 @@ import torch
 
 from loading import (PAD_ID, ConfigError, frozen_forward, left_pad, last_index, load_prompt_files, load_roles,
                      load_score_fn, model_inputs, position_ids_of, trainable_parameters)
-from plumbing import (Run, all_gather_list, all_mean, all_reduce_sum, dist_on, gradient_sync, group_rows,
-                      hold_output_dir, leave, lr_schedule, main, merge_rollouts, peak_memory, save_models, setup,
-                      world_size, wrap_for_training)
+from plumbing import (Run, all_gather_list, all_mean, all_reduce_sum, dist_on, diversity, entropy_floor,
+                      gradient_sync, group_rows, hold_output_dir, leave, lr_schedule, main, merge_rollouts, peak_memory,
+                      save_models, setup, world_size, wrap_for_training)
 
 _IMPORTED = set(globals())  # names above the config block (PAD_ID is the trainer's, not a setting)
 
@@ -75,11 +74,12 @@ LAM = 0.95                               # GAE λ
 CLIP_RANGE = 0.2                         # ε of the clipped surrogate objective
 CLIP_RANGE_VALUE = 0.2                   # clip of the value update around the rollout values (reward units)
 VF_COEF = 0.1                            # weight of the value loss in the joint loss
+ENTROPY_COEF = 0.2                       # entropy bonus: this x (floor - entropy) in the loss, below it (0 = off)
+ENTROPY_FLOOR = 0.85                     # the floor: this x step 1's entropy (0 = none: -ENTROPY_COEF x entropy)
 # beyond the seed (README, "Beyond the seed"): each off by default, the defaults compute what the seed's PPO does
 LOSS_AGG = "token-mean"                  # how losses average: token-mean, seq-mean-token-mean/-sum/-sum-norm
 CLIP_RANGE_HIGH = 0.0                    # DAPO clip-higher: the ratio's upper bound is 1 + this (0 = CLIP_RANGE)
 DUAL_CLIP = 0.0                          # dual-clip c > 1: for A < 0 the policy loss is capped at -c·A (0 = off)
-ENTROPY_COEF = 0.0                       # entropy bonus: -this x entropy in the loss (0 = off: entropy only logged)
 RATIO_LEVEL = "token"                    # "token", or "sequence" (GSPO: one ratio per reply, clipped per reply)
 SEQ_CLIP_RANGE = 4e-4                    # the clip range of a reply's ratio when RATIO_LEVEL = "sequence" (GSPO)
 CRITIC_WARMUP_STEPS = 0                  # first PPO steps that train the critic only; the actor and β stay put
@@ -415,20 +415,6 @@ def repetition_rate(tokens):
     return 1.0 - len(set(tri)) / len(tri) if tri else 0.0
 
 
-def diversity(replies):
-    """How different replies are from one another (the 复读机 across replies, unseen by repetition_rate): distinct-1/2,
-    the share of their token n-grams that are distinct (Li et al. 2016, arXiv:1510.03055), and ent-2, the entropy in
-    nats of their bigrams (Zhang et al. 2018, arXiv:1809.05972: also how evenly used). replies: token id lists."""
-    out = {}
-    for n in (1, 2):
-        grams = [tuple(r[i:i + n]) for r in replies for i in range(len(r) - n + 1)]
-        out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
-    counts = np.array(list(collections.Counter(grams).values()), dtype=np.float64)  # bigrams, from the last pass
-    p = counts / counts.sum() if len(counts) else counts
-    out["ent_2"] = float(-(p * np.log(p)).sum())
-    return out
-
-
 # ---- the forwards the loop calls: logprobs, values, sampling ---------------------------------------------------------
 def autocast(device, dtype):
     """Forward passes in `dtype` (bf16 on GPUs) with fp32 weights; a no-op in fp32."""
@@ -609,6 +595,7 @@ class Trainer:
     params: list
     optimizer: torch.optim.Optimizer
     scheduler: object
+    entropy_floor: float = 0.0  # nats per token: ENTROPY_FLOOR x step 1's entropy, set by the loop from step 2 on
 
 
 def trim_padding(query_responses, attention_mask, context_length, mask):
@@ -639,7 +626,7 @@ def ppo_update(trainer, batch, c, sizes=None, warmup=False):
                 idx = order[start + k * mb:start + (k + 1) * mb].to(batch["responses"].device)
                 with gradient_sync(models, sync=k == accum - 1):
                     stats.append(micro_batch_backward(trainer.actor, trainer.critic, batch, idx, ctx, c, accum,
-                                                      warmup))
+                                                      warmup, trainer.entropy_floor))
             steps.append(optimizer_step(trainer.optimizer, trainer.params, c["MAX_GRAD_NORM"], trainer.scheduler))
     for m in models:
         m.eval()
@@ -652,13 +639,17 @@ def ppo_update(trainer, batch, c, sizes=None, warmup=False):
     return stats
 
 
-def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum, warmup=False):
+def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum, warmup=False, entropy_floor=0.0):
     """Forward and backward of one micro-batch (rows idx of the rollout): the clipped policy loss plus VF_COEF times
     the clipped value loss (no critic: none), plus β times the k3 KL to the reference when KL_IN = "loss" (GRPO's
     estimator, unbiased and never negative, its gradient through the current logprobs), minus ENTROPY_COEF times the
-    entropy, each averaged by LOSS_AGG and divided by the micro-batches of the optimizer step. warmup (critic
-    warm-up): the value loss alone trains; the policy's numbers are only measured. Returns its statistics, {METRICS
-    name: 0-d tensor}, only those it computes."""
+    entropy, each averaged by LOSS_AGG and divided by the micro-batches of the optimizer step. With ENTROPY_FLOOR the
+    bonus is ENTROPY_COEF x how far the entropy's token mean is below entropy_floor (nats; 0 above it): it holds the
+    entropy up, and never pushes it past the floor (cf. Skywork-OR1's adaptive entropy control, arXiv:2505.22312).
+    On by default, where OAI, N+ and TRL have no bonus (implementation details #26): without it the demo's held-out
+    replies lose half their variety across prompts (README, "The repeater across replies").
+    warmup (critic warm-up): the value loss alone trains; the policy's numbers are only measured. Returns its
+    statistics, {METRICS name: 0-d tensor}, only those it computes."""
     mb_ids, mb_attn, mb_ctx, T = trim_padding(batch["query_responses"][idx], batch["attention_mask"][idx], ctx,
                                               batch["mask"][idx])
     m = batch["mask"][idx, :T]
@@ -680,7 +671,8 @@ def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum, warmup=False)
     if c["CLIP_RANGE_HIGH"]:
         stats.update({"policy/clipfrac_low": pg["clipfrac_low"], "policy/clipfrac_high": pg["clipfrac_high"]})
     if c["ENTROPY_COEF"] and not warmup:
-        loss = loss - c["ENTROPY_COEF"] * aggregate(entropy, m, **agg)
+        h = aggregate(entropy, m, **agg) if not c["ENTROPY_FLOOR"] else masked_mean(entropy, m)
+        loss = loss + c["ENTROPY_COEF"] * (torch.relu(entropy_floor - h) if c["ENTROPY_FLOOR"] else -h)
     if c["KL_IN"] == "loss":
         # masked slots get the INVALID_LOGPROB both sides hold there (k3 = 0), so exp() never sees padding's logprobs
         kl_loss = aggregate(kl_per_token(torch.where(m, new_logprobs, INVALID_LOGPROB),
@@ -873,6 +865,7 @@ def train(c):
         with run:  # writes into OUTPUT_DIR; every way out closes the CSV and restores the signal handlers
             for step, batch_prompts in run.steps():  # this rank's share of each rollout batch, reshuffled each pass
                 warmup = step <= c["CRITIC_WARMUP_STEPS"]  # the first steps train the critic alone
+                trainer.entropy_floor = entropy_floor(run.state.rows, c)  # ENTROPY_FLOOR x step 1's entropy
                 row, batch = ppo_step(roles, trainer, batch_prompts, kl_ctl.value, c, sizes, score_moments, gold,
                                       warmup, run.more_prompts)
                 if math.isfinite(row["objective/kl"]) and not warmup:  # step 8: β from the batch's mean KL per

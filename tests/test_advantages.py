@@ -114,9 +114,10 @@ def test_a_prompts_replies_stay_together_and_on_one_process():
 @pytest.mark.parametrize("adv,n,kl_in,lora", [("grpo", 2, "loss", 0), ("rloo", 4, "reward", 0),
                                                ("reinforce++", 1, "reward", 0), ("grpo", 4, "reward", 8)])
 def test_two_critic_free_steps_load_three_roles_and_log_no_value_metrics(adv, n, kl_in, lora, tmp_path, capsys):
-    entropy = 0.01 if adv == "reinforce++" else 0.0  # one case with an entropy bonus: the start says what it risks
+    # one case with a plain entropy bonus (no floor): the start says what it risks; the others have the floored default
+    entropy = dict(ENTROPY_COEF=0.01, ENTROPY_FLOOR=0.0) if adv == "reinforce++" else {}
     s = ppo.train(make_config(tmp_path, TOTAL_STEPS=2, EVAL_SIZE=4, ADVANTAGE=adv, SAMPLES_PER_PROMPT=n, KL_IN=kl_in,
-                              LORA_R=lora, SAVE_MODEL=True, ENTROPY_COEF=entropy))
+                              LORA_R=lora, SAVE_MODEL=True, **entropy))
     assert ("made grpo diverge" in capsys.readouterr().out) == bool(entropy)
     assert s["models"]["roles_loaded"] == ["actor", "reference", "reward"] and s["models"]["critic"] is None
     assert s["derived"]["PROMPTS_PER_STEP"] == 4 // n

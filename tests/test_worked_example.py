@@ -57,22 +57,30 @@ def test_a_critic_free_worked_example_shows_the_group(tmp_path):
 
 
 def test_diversity_by_hand():
-    d = ppo.diversity([[1, 2, 3], [1, 2, 4]])
+    d = plumbing.diversity([[1, 2, 3], [1, 2, 4]])
     assert d["distinct_1"] == pytest.approx(4 / 6) and d["distinct_2"] == pytest.approx(3 / 4)
     p = np.array([2, 1, 1]) / 4  # bigrams (1,2) twice, (2,3) and (2,4) once
     assert d["ent_2"] == pytest.approx(float(-(p * np.log(p)).sum()))
-    same = ppo.diversity([[5, 6, 7]] * 10)  # one template for every prompt
+    same = plumbing.diversity([[5, 6, 7]] * 10)  # one template for every prompt
     assert same["distinct_2"] == pytest.approx(2 / 20)
 
 
-def test_held_out_diversity_is_logged_and_a_template_policy_is_caught(tmp_path):
+def test_held_out_diversity_is_logged_and_a_template_policy_is_caught(tmp_path, capsys):
     ppo.train(make_config(tmp_path, TOTAL_STEPS=2, EVAL_SIZE=8, EVAL_EVERY=1))
     got = rows(tmp_path)
+    h1 = float(got[0]["policy/entropy_avg"])  # the default entropy bonus's floor: 0.85 x step 1's entropy, said
+    assert f"holds the entropy at >= {0.85 * h1:.3f} nats/token (ENTROPY_FLOOR = 0.85 x step 1's {h1:.3f})" in \
+        capsys.readouterr().out
+    assert plumbing.entropy_floor([{"policy/entropy_avg": math.nan}, {"policy/entropy_avg": h1}], make_config()) \
+        == pytest.approx(0.85 * h1)  # a step that measured nothing is skipped
+    assert plumbing.entropy_floor([], make_config()) == 0  # no floor before step 1, nor without the bonus:
+    assert plumbing.entropy_floor([{"policy/entropy_avg": h1}], make_config(ENTROPY_COEF=0)) == 0
     assert all(0 < float(r["eval/distinct_2"]) <= 1 and float(r["eval/ent_2"]) > 0 for r in got[:1])
-    before = {"distinct_2": 0.207, "ent_2": 6.1}
-    verdict = plumbing.diversity_verdict(before, {"distinct_2": 0.101, "ent_2": 4.0})
+    before, after = {"distinct_2": 0.207, "ent_2": 6.1}, {"distinct_2": 0.101, "ent_2": 4.0}
+    verdict = plumbing.diversity_verdict(before, after, make_config())
     assert verdict[0].startswith("WARNING: held-out distinct-2 0.207 -> 0.101 (0.49 x the starting policy's)")
-    assert "add an entropy bonus (ENTROPY_COEF" in verdict[0]
-    critic_free = plumbing.diversity_verdict(before, {"distinct_2": 0.101, "ent_2": 4.0}, "grpo")[0]
-    assert "made critic-free runs diverge" in critic_free and "add an entropy bonus" not in critic_free
-    assert plumbing.diversity_verdict(before, {"distinct_2": 0.19, "ent_2": 6.0})[0].startswith("OK")
+    assert "hold the entropy higher (ENTROPY_FLOOR = 0.85 closer to 1" in verdict[0]
+    assert "turn the entropy bonus on" in plumbing.diversity_verdict(before, after, make_config(ENTROPY_COEF=0))[0]
+    assert "give the entropy bonus a floor" in plumbing.diversity_verdict(before, after,
+                                                                          make_config(ENTROPY_FLOOR=0))[0]
+    assert plumbing.diversity_verdict(before, {"distinct_2": 0.19, "ent_2": 6.0}, make_config())[0].startswith("OK")
