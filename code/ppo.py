@@ -421,25 +421,20 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def response_logprobs(model, query_responses, attention_mask, context_length, temperature, with_entropy=False,
-                      entropy_grad=False):
+def response_logprobs(model, query_responses, attention_mask, context_length, temperature, with_vocab=False):
     """Log π(token_t | earlier tokens) of every response token, from temperature-scaled logits (OAI, N+).
     Token t is predicted at position t-1, so the response's logits are logits[:, ctx-1:-1] (implementation
     details #5); only those T+1 positions are projected to the vocabulary (logits_to_keep). Log-softmax in fp32
     whatever the weights' dtype, then the sampled token gathered: one fused log_softmax is faster than gather minus
     logsumexp at the same peak memory (logsumexp's backward builds the full [B, T, V] softmax anyway; README,
-    Performance). with_entropy: also the entropy at each position (with its gradient when entropy_grad: the
-    entropy bonus)."""
+    Performance). with_vocab: also the log-probabilities over the whole vocabulary, [B, T, V] (for the entropy)."""
     T = query_responses.shape[1] - context_length
     out = model(input_ids=model_inputs(query_responses, attention_mask), attention_mask=attention_mask,
                 position_ids=position_ids_of(attention_mask), logits_to_keep=T + 1, use_cache=False)
     logp = torch.log_softmax(out.logits[:, :-1].float() / temperature, -1)                 # [B, T, V]
     tokens = model_inputs(query_responses, attention_mask)[:, context_length:]
     logprobs = logp.gather(-1, tokens[..., None]).squeeze(-1)
-    if not with_entropy:
-        return logprobs
-    with contextlib.nullcontext() if entropy_grad else torch.no_grad():
-        return logprobs, entropy_from_logprobs(logp)
+    return (logprobs, logp) if with_vocab else logprobs
 
 
 def critic_values(critic, query_responses, attention_mask, context_length):
@@ -658,21 +653,22 @@ def micro_batch_backward(actor, critic, batch, idx, ctx, c, accum, warmup=False,
     agg = {"agg": c["LOSS_AGG"], "max_len": c["MAX_NEW_TOKENS"]}
     seq = c["RATIO_LEVEL"] == "sequence"  # GSPO clips a reply's ratio by its own, much smaller, range
     with torch.no_grad() if warmup else contextlib.nullcontext():
-        new_logprobs, entropy = response_logprobs(actor, mb_ids, mb_attn, mb_ctx, c["TEMPERATURE"], with_entropy=True,
-                                                  entropy_grad=c["ENTROPY_COEF"] > 0)
+        new_logprobs, logp = response_logprobs(actor, mb_ids, mb_attn, mb_ctx, c["TEMPERATURE"], with_vocab=True)
         pg_loss, pg = policy_loss(new_logprobs, batch["logprobs"][idx, :T], batch["advantages"][idx, :T], m,
                                   c["SEQ_CLIP_RANGE"] if seq else c["CLIP_RANGE"],
                                   c["SEQ_CLIP_RANGE"] if seq else c["CLIP_RANGE_HIGH"], c["DUAL_CLIP"],
                                   c["RATIO_LEVEL"], **agg)
+    with torch.no_grad():  # measured always; its graph ([B, T, V]) is built only where the bonus acts (one sync)
+        h = masked_mean(entropy_from_logprobs(logp), m)
     loss = 0.0 if warmup else pg_loss
     stats = {"policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"],
-             "policy/entropy_avg": masked_mean(entropy, m).detach(), "loss/policy_avg": pg_loss.detach(),
-             "val/ratio": pg["ratio"]}
+             "policy/entropy_avg": h, "loss/policy_avg": pg_loss.detach(), "val/ratio": pg["ratio"]}
     if c["CLIP_RANGE_HIGH"]:
         stats.update({"policy/clipfrac_low": pg["clipfrac_low"], "policy/clipfrac_high": pg["clipfrac_high"]})
-    if c["ENTROPY_COEF"] and not warmup:
-        h = aggregate(entropy, m, **agg) if not c["ENTROPY_FLOOR"] else masked_mean(entropy, m)
-        loss = loss + c["ENTROPY_COEF"] * (torch.relu(entropy_floor - h) if c["ENTROPY_FLOOR"] else -h)
+    if c["ENTROPY_COEF"] and not warmup and (not c["ENTROPY_FLOOR"] or h < entropy_floor):
+        entropy = entropy_from_logprobs(logp)
+        loss = loss + c["ENTROPY_COEF"] * (entropy_floor - masked_mean(entropy, m) if c["ENTROPY_FLOOR"] else
+                                           -aggregate(entropy, m, **agg))
     if c["KL_IN"] == "loss":
         # masked slots get the INVALID_LOGPROB both sides hold there (k3 = 0), so exp() never sees padding's logprobs
         kl_loss = aggregate(kl_per_token(torch.where(m, new_logprobs, INVALID_LOGPROB),

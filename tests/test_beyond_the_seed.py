@@ -98,8 +98,8 @@ def test_the_entropy_bonus_pushes_along_the_entropy_gradient_and_the_floor_only_
     plain = copy.deepcopy(roles.actor)
     ids, am, ctx, T = ppo.trim_padding(batch["query_responses"], batch["attention_mask"], batch["context_length"],
                                        batch["mask"])
-    _, entropy = ppo.response_logprobs(plain, ids, am, ctx, 1.0, with_entropy=True, entropy_grad=True)
-    h = ppo.masked_mean(entropy, batch["mask"][:, :T])
+    _, logp = ppo.response_logprobs(plain, ids, am, ctx, 1.0, with_vocab=True)
+    h = ppo.masked_mean(ppo.entropy_from_logprobs(logp), batch["mask"][:, :T])
     (-0.5 * h).backward()
     want = torch.cat([p.grad.flatten() for p in plain.parameters() if p.grad is not None])
     assert want.abs().sum() > 0
