@@ -1298,8 +1298,8 @@ def plot_curves(df, path, target, eval_points, rm="RM", floor=0.0):
 def entropy_floor(rows, c):
     """ENTROPY_FLOOR x the policy's entropy at the first step that measured it (nats per token; read from the CSV's
     rows, so a resumed run holds the same floor), or 0: before that step, or with no floor or no entropy bonus."""
-    first = [h for h in (r.get("policy/entropy_avg", math.nan) for r in rows) if math.isfinite(h)]
-    return c["ENTROPY_FLOOR"] * first[0] if first and c["ENTROPY_COEF"] else 0.0
+    first = next((h for h in (r.get("policy/entropy_avg", math.nan) for r in rows) if math.isfinite(h)), None)
+    return c["ENTROPY_FLOOR"] * first if first is not None and c["ENTROPY_COEF"] else 0.0
 
 
 def verdict_window(n):
