@@ -71,7 +71,7 @@ def measure_floor(c, batches, device, dtype):
         parts["score"].append(batch["time_score"])
 
         def train():
-            with ppo.autocast(device, dtype):
+            with ppo.autocast(device, dtype, weights_change=True):
                 ppo.ppo_update(trainer, batch, c)
         parts["train"].append(timed(train, device)[0])
     return {k: statistics.median(v) for k, v in parts.items()}

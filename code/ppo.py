@@ -416,9 +416,12 @@ def repetition_rate(tokens):
 
 
 # ---- the forwards the loop calls: logprobs, values, sampling ---------------------------------------------------------
-def autocast(device, dtype):
-    """Forward passes in `dtype` (bf16 on GPUs) with fp32 weights; a no-op in fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+def autocast(device, dtype, weights_change=False):
+    """Forward passes in `dtype` (bf16 on GPUs) with fp32 weights; a no-op in fp32. Autocast keeps each weight's
+    bf16 copy until the region ends: right while the weights are fixed (the rollout's decoding steps cast them once),
+    wrong across an optimizer step, after which the forwards would read the copies of before it. So a region whose
+    weights change (the update) keeps no copies: each forward casts the weights it reads afresh."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=not weights_change)
 
 
 def response_logprobs(model, query_responses, attention_mask, context_length, temperature, with_vocab=False):
@@ -720,7 +723,8 @@ def ppo_step(roles, trainer, prompts, beta, c, sizes, score_moments=None, gold=N
     lr = trainer.optimizer.param_groups[0]["lr"]  # the rate of this step's first optimizer step
     scores_ok = all_reduce_sum(torch.isfinite(batch["scores"]).all().logical_not().float()).item() == 0
     if scores_ok:
-        with autocast(roles.device, roles.dtype), peak_memory(roles.device, memory, "mem/update_mb"):
+        with autocast(roles.device, roles.dtype, weights_change=True), peak_memory(roles.device, memory,
+                                                                                  "mem/update_mb"):
             mb_stats = ppo_update(trainer, batch, c, sizes, warmup)
     else:  # the update's other columns are NaN in this row
         mb_stats = [{"policy/grad_norm": float("nan"), "train/skipped_frac": 1.0}]

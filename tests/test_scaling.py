@@ -133,6 +133,35 @@ def test_bf16_compute_with_gradient_checkpointing(tmp_path):
     assert roles.actor.is_activation_checkpointing
 
 
+def update_stats(dtype, monkeypatch):
+    """Every micro-batch's statistics of one PPO step (ppo_step, as the run calls it) in `dtype`: 3 epochs over one
+    minibatch of 8 replies, so the forwards of epochs 2 and 3 follow an optimizer step."""
+    c = make_config(EVAL_FILE="", GOLD_REWARD="", MINI_BATCH_SIZE=8, PPO_BUFFER_SIZE=1, PPO_EPOCHS=3,
+                    MAX_NEW_TOKENS=8, LEARNING_RATE=1e-3, ENTROPY_COEF=0.0)
+    roles = loading.load_roles(c, CPU, dtype)
+    params = loading.trainable_parameters([roles.actor, roles.critic])
+    trainer = ppo.Trainer(roles.actor, roles.critic, params, torch.optim.AdamW(params, lr=1e-3), None)
+    prompts = loading.load_prompts(c["PROMPT_FILE"], roles.tok, 128, "PROMPT_FILE")[:8]
+    seen, update = [], ppo.ppo_update
+    with monkeypatch.context() as m:
+        m.setattr(ppo, "ppo_update", lambda *a, **k: seen.extend(update(*a, **k)) or seen)
+        torch.manual_seed(0)
+        ppo.ppo_step(roles, trainer, prompts, 0.1, c, ppo.batch_sizes(c, 1))
+    return seen
+
+
+def test_bf16_update_reads_the_weights_of_each_optimizer_step(monkeypatch):
+    """Under bf16 autocast the update's forwards after an optimizer step see the new weights, as in fp32: autocast
+    caches each weight's bf16 copy for its region, so a region spanning the update read the copies of before its
+    first step (the ratio of epoch 2 then moved ~150x less than fp32's; only norms and embeddings showed through)."""
+    fp32, bf16 = update_stats(torch.float32, monkeypatch), update_stats(torch.bfloat16, monkeypatch)
+    assert bf16[0]["policy/approxkl_avg"] < 1e-3  # before any step: the sampler's policy, up to bf16 rounding
+    for a, b in zip(fp32[1:], bf16[1:]):
+        assert a["policy/approxkl_avg"] > 0.05
+        assert b["policy/approxkl_avg"] == pytest.approx(a["policy/approxkl_avg"], rel=0.25)
+        assert b["val/ratio"] == pytest.approx(a["val/ratio"], abs=0.01)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_resume_is_exact(mode, tmp_path):
     """4 steps in one go equal 2 steps + 2 resumed, with 2 processes (every rank's RNG and, under FSDP, the
