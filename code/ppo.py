@@ -101,7 +101,7 @@ MAX_GRAD_NORM = 1.0                      # clip the joint gradient norm of actor
 MAX_BAD_STEPS = 3                        # stop after this many steps in a row with a non-finite score, loss or grad
 SEED = 0                                 # seeds python, numpy and torch: a CPU run is repeatable
 DEVICE = "auto"                          # "auto" = cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
-DTYPE = "auto"                           # "auto" = bfloat16 on a GPU that supports it, float32 elsewhere; or "float32"
+DTYPE = "auto"                           # "auto" = bf16 on a GPU, else float32; bfloat16 is faster on AVX512-BF16 CPUs
 THREADS = "auto"                         # CPU threads: "auto" = the cores not busy with other programs at start; or N
 GRADIENT_CHECKPOINTING = False           # recompute activations in the backward: less memory, one more forward
 OFFLOAD_FROZEN = False                   # keep reference and reward model on the CPU between uses (frees GPU memory)

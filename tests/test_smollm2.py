@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import plumbing
+
 from conftest import ROOT, metrics_rows
 
 MODEL = os.path.join(ROOT, "data/models/smollm2-135m-instruct")
@@ -46,6 +48,8 @@ def test_two_lora_steps_on_smollm2_and_the_saved_actor_stops_at_im_end(smollm2, 
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "stop tokens (a reply ends at any): '<|im_end|>' (2)" in r.stdout
     assert "FutureWarning" not in r.stderr  # peft's deprecation warning is filtered
+    # a 135M model in float32 on a CPU that multiplies bf16 natively: the start-up says --dtype=bfloat16 is faster
+    assert ("note: this CPU multiplies in bfloat16 natively" in r.stdout) == plumbing.cpu_multiplies_bf16()
     rows = metrics_rows(out)
     assert len(rows) == 2
     assert abs(float(rows[0]["objective/kl"])) < 1e-3  # step 1: zero-initialised adapters, the actor is the reference
