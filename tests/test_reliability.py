@@ -338,16 +338,65 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("bad_args,needle", BAD, ids=[b[1] for b in BAD])
-def test_bad_input_leaves_earlier_outputs_intact(bad_args, needle, finished_run, bad_files):
-    before = snapshot(finished_run)
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, SCRIPT, f"--output_dir={finished_run}", "--total_steps=3"] + SMALL
-                       + bad_args(bad_files), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr[-2000:]
-    assert snapshot(finished_run) == before
+# Each of these runs in a process of its own, as a user meets it: user code that exits, hangs, or must not load.
+OWN_PROCESS = {"has no function score", "cannot load", "called sys.exit(0) while being imported",
+               "score() called sys.exit(1)", "did not return within SCORE_TIMEOUT = 2 s"}
+# The others run one after another in one process, through the same entry point as `python code/ppo.py`
+# (plumbing.main: its return value is the exit code), each with its own stderr and warnings state: a torch and
+# transformers import per case would cost ~5 s each (~3 min of the suite).
+ONE_PROCESS = """
+import contextlib, hashlib, io, json, os, sys, traceback, warnings
+root, out, cases, results = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), []
+sys.path[:0] = [os.path.join(root, "code"), os.path.join(root, "data")]
+import plumbing, ppo
+def digest():
+    return sorted((os.path.join(d, f), hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest())
+                  for d, _, fs in os.walk(out) for f in fs)
+for argv in cases:
+    before, err = digest(), io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stderr(err):
+        try:
+            code = plumbing.main(ppo.train, argv, ppo.DEFAULTS, ppo.__doc__, ppo.__file__)
+        except BaseException:
+            code = None
+            traceback.print_exc(file=err)
+    results.append({"code": code, "stderr": err.getvalue(), "intact": digest() == before})
+json.dump(results, open(sys.argv[4], "w"))
+"""
+
+
+def bad_run_args(finished_run, bad_args, bad_files):
+    return [f"--output_dir={finished_run}", "--total_steps=3"] + SMALL + bad_args(bad_files)
+
+
+@pytest.fixture(scope="module")
+def batched_bad_runs(finished_run, bad_files, tmp_path_factory):
+    """{index in BAD: {code, stderr, intact}} for the cases not in OWN_PROCESS, from one process."""
+    d = tmp_path_factory.mktemp("batched")
+    keys = [i for i, (_, needle) in enumerate(BAD) if needle not in OWN_PROCESS]
+    json.dump([bad_run_args(finished_run, BAD[i][0], bad_files) for i in keys], open(d / "cases.json", "w"))
+    r = subprocess.run([sys.executable, "-c", ONE_PROCESS, ROOT, str(finished_run), str(d / "cases.json"),
+                        str(d / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-3000:]  # nothing said outside the cases
+    return dict(zip(keys, json.load(open(d / "results.json"))))
+
+
+@pytest.mark.parametrize("i", range(len(BAD)), ids=[b[1] for b in BAD])
+def test_bad_input_leaves_earlier_outputs_intact(i, finished_run, bad_files, request):
+    bad_args, needle = BAD[i]
+    if needle in OWN_PROCESS:
+        before = snapshot(finished_run)
+        r = subprocess.run([sys.executable, SCRIPT] + bad_run_args(finished_run, bad_args, bad_files), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        code, stderr, intact = r.returncode, r.stderr, snapshot(finished_run) == before
+    else:
+        res = request.getfixturevalue("batched_bad_runs")[i]
+        code, stderr, intact = res["code"], res["stderr"], res["intact"]
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], stderr[-2000:]
+    assert intact
 
 
 def test_a_run_holding_the_output_dir_refuses_a_second_and_changes_nothing(finished_run):
