@@ -8,14 +8,16 @@ Any ppo.py setting can be overridden as --name=value. --random_width=N (and --ra
 the demo models for randomly initialised GPT-2 actor and reward model of that size with the demo tokenizer, built in
 a temporary folder (random weights rarely emit EOS, so replies run to MAX_NEW_TOKENS: a fixed reply length).
 
-Prints and writes OUTPUT_DIR/benchmark.json (default output/benchmark): median step time and its split into
-generate / score / train, generated tokens per second, peak memory, and the floor: the sum of the bare operations
-measured alone on the same prompts: ppo.rollout's generate phase (sampling, which also gives the old logprobs) and
-score phase (reference, critic and reward forwards, rewards, GAE), and ppo.ppo_update (the PPO forward/backward/
-optimizer passes), called without the loop around them. overhead = step time / floor.
+Prints and writes OUTPUT_DIR/benchmark.json (default output/benchmark), beside the run's ppo_metrics/ (the
+run itself goes to a temporary folder inside OUTPUT_DIR, deleted after: no checkpoint is left behind): median step
+time and its split into generate / score / train, generated tokens per second, peak memory, and the floor: the sum
+of the bare operations measured alone on the same prompts: ppo.rollout's generate phase (sampling, which also gives
+the old logprobs) and score phase (reference, critic and reward forwards, rewards, GAE), and ppo.ppo_update (the PPO
+forward/backward/optimizer passes), called without the loop around them. overhead = step time / floor.
 """
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -95,10 +97,17 @@ def main(argv):
     if own["random_width"]:
         c["ACTOR_MODEL"], c["REWARD_MODEL"] = build_random_models(tmp.name, own["random_width"], own["random_layers"],
                                                                   own["random_heads"])
+    out = c["OUTPUT_DIR"]
+    plumbing.check_writable(out, os.path.join(out, "ppo_metrics"), 0)
+    # the run in a folder of its own inside OUTPUT_DIR, deleted after: its final checkpoint is 3.2 GB on SmolLM2
+    run = tempfile.TemporaryDirectory(dir=out)
+    c["OUTPUT_DIR"] = run.name
     summary = ppo.train(c)
+    shutil.copytree(os.path.join(run.name, "ppo_metrics"), os.path.join(out, "ppo_metrics"), dirs_exist_ok=True)
+    run.cleanup()
     rss_mb = summary["memory_mb"]["peak"]  # the run's peak, before the floor's models
     import pandas as pd
-    df = pd.read_csv(os.path.join(c["OUTPUT_DIR"], "ppo_metrics", "training_metrics.csv"))
+    df = pd.read_csv(os.path.join(out, "ppo_metrics", "training_metrics.csv"))
     df = df.iloc[min(2, len(df) - 1):]  # leave out warm-up steps
     device = plumbing.pick_device(c["DEVICE"])
     dtype = plumbing.pick_dtype(c["DTYPE"], device)
@@ -126,7 +135,7 @@ def main(argv):
         "overhead": round(step / floor_s, 3),
         "versions": summary["versions"],
     }
-    with open(os.path.join(c["OUTPUT_DIR"], "benchmark.json"), "w") as f:
+    with open(os.path.join(out, "benchmark.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))
     return 0

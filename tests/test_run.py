@@ -140,6 +140,9 @@ def test_benchmark_reports_phases_floor_and_overhead(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res == json.load(open(tmp_path / "benchmark.json"))
+    # the run's metrics beside it, and no checkpoint left behind (3.2 GB each on SmolLM2)
+    assert sorted(os.listdir(tmp_path)) == ["benchmark.json", "ppo_metrics"]
+    assert (tmp_path / "ppo_metrics/training_metrics.csv").exists()
     assert set(res["phases_s_median"]) == {"generate", "score", "train"} and set(res["floor_s"]) == {"sample", "score", "train"}
     assert res["step_time_s_median"] > 0 and res["floor_total_s"] > 0 and res["peak_rss_mb"] > 100
     assert res["overhead"] == pytest.approx(res["step_time_s_median"] / res["floor_total_s"], rel=0.01)
