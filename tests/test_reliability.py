@@ -257,7 +257,9 @@ def finished_run(tmp_path_factory):
 
 
 def snapshot(out):
-    return {p: open(os.path.join(d, p), "rb").read() for d, _, fs in os.walk(out) for p in fs}
+    """Every file under out, by its path there (ppo_model/actor/config.json and .../critic/config.json are two)."""
+    return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(out) for f in fs}
 
 
 @pytest.fixture(scope="module")
@@ -345,22 +347,20 @@ OWN_PROCESS = {"has no function score", "cannot load", "called sys.exit(0) while
 # (plumbing.main: its return value is the exit code), each with its own stderr and warnings state: a torch and
 # transformers import per case would cost ~5 s each (~3 min of the suite).
 ONE_PROCESS = """
-import contextlib, hashlib, io, json, os, sys, traceback, warnings
+import contextlib, io, json, os, sys, traceback, warnings
 root, out, cases, results = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), []
-sys.path[:0] = [os.path.join(root, "code"), os.path.join(root, "data")]
+sys.path[:0] = [os.path.join(root, "code"), os.path.join(root, "data"), os.path.join(root, "tests")]
 import plumbing, ppo
-def digest():
-    return sorted((os.path.join(d, f), hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest())
-                  for d, _, fs in os.walk(out) for f in fs)
+from test_reliability import snapshot
 for argv in cases:
-    before, err = digest(), io.StringIO()
+    before, err = snapshot(out), io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stderr(err):
         try:
             code = plumbing.main(ppo.train, argv, ppo.DEFAULTS, ppo.__doc__, ppo.__file__)
         except BaseException:
             code = None
             traceback.print_exc(file=err)
-    results.append({"code": code, "stderr": err.getvalue(), "intact": digest() == before})
+    results.append({"code": code, "stderr": err.getvalue(), "intact": snapshot(out) == before})
 json.dump(results, open(sys.argv[4], "w"))
 """
 
