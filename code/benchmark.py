@@ -9,11 +9,12 @@ the demo models for randomly initialised GPT-2 actor and reward model of that si
 a temporary folder (random weights rarely emit EOS, so replies run to MAX_NEW_TOKENS: a fixed reply length).
 
 Prints and writes OUTPUT_DIR/benchmark.json (default output/benchmark), beside the run's ppo_metrics/ (the
-run itself goes to a temporary folder inside OUTPUT_DIR, deleted after: no checkpoint is left behind): median step
-time and its split into generate / score / train, generated tokens per second, peak memory, and the floor: the sum
-of the bare operations measured alone on the same prompts: ppo.rollout's generate phase (sampling, which also gives
-the old logprobs) and score phase (reference, critic and reward forwards, rewards, GAE), and ppo.ppo_update (the PPO
-forward/backward/optimizer passes), called without the loop around them. overhead = step time / floor.
+run itself goes to a temporary folder inside OUTPUT_DIR, deleted after: no checkpoint is left behind, and the
+paths in its summary.json name that folder): median step time and its split into generate / score / train,
+generated tokens per second, peak memory, and the floor: the sum of the bare operations measured alone on the same
+prompts: ppo.rollout's generate phase (sampling, which also gives the old logprobs) and score phase (reference,
+critic and reward forwards, rewards, GAE), and ppo.ppo_update (the PPO forward/backward/optimizer passes), called
+without the loop around them. overhead = step time / floor.
 """
 import json
 import os
