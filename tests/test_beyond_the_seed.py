@@ -225,6 +225,8 @@ def test_dynamic_sampling_replaces_groups_that_teach_nothing_and_resumes_exactly
 def test_with_every_new_setting_off_the_run_is_the_previous_releases(tmp_path):
     """tests/data/previous_release_3_steps.csv: the small run's CSV written by the release before these settings
     (commit c31f9de). The same machine gives it to the last digit; other CPUs may round differently, hence 1e-5.
+    The KL columns are differences of two sums of ~16 logprobs each, near 0 at step 1: there a rounding of 1e-7 in
+    each logprob shows as ~1e-6 absolute (an Intel AMX CPU: 6.6e-7 against -6.1e-7), hence their 1e-5 absolute.
     Every setting beyond the seed is off by default but the entropy bonus (README, "The repeater across replies")."""
     import csv
     import os
@@ -237,4 +239,5 @@ def test_with_every_new_setting_off_the_run_is_the_previous_releases(tmp_path):
         assert set(old) <= set(new)  # every column it had; new ones only added
         for k in old:
             if not k.startswith("time/"):
-                assert float(new[k]) == pytest.approx(float(old[k]), rel=1e-5, abs=1e-6, nan_ok=True), (k, old[k])
+                near = 1e-5 if k in ("objective/kl", "objective/non_score_reward") else 1e-6
+                assert float(new[k]) == pytest.approx(float(old[k]), rel=1e-5, abs=near, nan_ok=True), (k, old[k])
