@@ -108,6 +108,36 @@ def test_threads_auto_leaves_the_cores_that_other_programs_use():
         torch.set_num_threads(before)
 
 
+FREED_PROBE = """
+import torch, plumbing
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+print(plumbing.keep_freed_memory(torch.device("cpu")))
+for mib in (16, 64):
+    before = resident_mib()
+    block = torch.ones(mib << 18)  # mib MiB of float32, touched
+    del block
+    print(round(resident_mib() - before))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_freed_block_under_32_mib_stays_for_the_next_micro_batch_unless_the_environment_says_otherwise():
+    def probe(**env):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+        out = subprocess.run([sys.executable, "-c", FREED_PROBE], env=dict(clean, PYTHONPATH="code", **env),
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                             text=True, check=True).stdout.split("\n")
+        return out[0], int(out[1]), int(out[2])
+    said, kept_16, kept_64 = probe()
+    if "not glibc" in said:
+        pytest.skip(said)
+    # a freed 16 MiB block stays resident for reuse; a 64 MiB one goes back to the kernel (LoRA's peak)
+    assert said.startswith("glibc keeps") and kept_16 >= 15 and kept_64 <= 2, (said, kept_16, kept_64)
+    said, kept_16, _ = probe(MALLOC_ARENA_MAX="16")  # the user tunes glibc: its defaults stay, 16 MiB goes back
+    assert "from the environment" in said and kept_16 <= 2, (said, kept_16)
+
+
 def test_no_grad_forwards_and_the_evaluation_hold_at_most_a_batch(tmp_path, monkeypatch):
     # the reference's logprobs in MINI_BATCH_SIZE rows at a time are the same numbers as in one forward
     tok, _ = loading.load_tokenizer(SFT, "ACTOR_MODEL")
