@@ -213,11 +213,12 @@ def keep_freed_memory(device):
     """On a CPU under glibc (Linux): blocks under 32 MiB that a micro-batch frees stay with the process for the
     next one, rather than going back to the kernel, which zero-fills fresh pages at their first touch (on a 2-core
     VM a fifth to nearly half of the CPU time was the kernel's; README, "Speed on a real model"). glibc's defaults
-    hand the heap's free top back once it passes twice the largest block freed so far (at most 64 MiB): nearly all
-    of a micro-batch's activations, casts and gradients, every time. Here the top is kept up to 2 GiB (M_TRIM_THRESHOLD) and blocks
-    from 32 MiB up keep their own pages, returned at free (M_MMAP_THRESHOLD; keeping them too, M_MMAP_MAX = 0,
-    made LoRA's peak 1.65x). SmolLM2, bf16, 2 cores: full fine-tuning's step 0.90-0.98x, LoRA's 0.94x, peaks +2-5 %.
-    Left alone where the environment tunes glibc's allocator (MALLOC_*, GLIBC_TUNABLES). Returns what it did."""
+    hand the heap's free top back once it passes twice the largest block freed yet (at most 64 MiB): nearly all
+    of a micro-batch's activations, casts and gradients, each time. Here the top is kept up to 2 GiB
+    (M_TRIM_THRESHOLD), and blocks from 32 MiB up keep their own pages, returned at free (M_MMAP_THRESHOLD;
+    keeping them too, M_MMAP_MAX = 0, made LoRA's peak 1.65x). SmolLM2, bf16, 2 cores: full fine-tuning's step
+    0.90-0.98x, LoRA's 0.94x, peaks +2-5 %. Left alone where the environment tunes glibc's allocator (MALLOC_*,
+    GLIBC_TUNABLES). Returns what it did."""
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return "the allocator's defaults"
     if any(k.startswith("MALLOC_") for k in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
