@@ -209,15 +209,16 @@ def choose_threads(setting, local_processes=1):
     return n, why
 
 
-def keep_freed_memory(device):
-    """On a CPU under glibc (Linux): blocks under 32 MiB that a micro-batch frees stay with the process for the
-    next one, rather than going back to the kernel, which zero-fills fresh pages at their first touch (on a 2-core
-    VM a fifth to nearly half of the CPU time was the kernel's; README, "Speed on a real model"). glibc's defaults
-    hand the heap's free top back once it passes twice the largest block freed yet (at most 64 MiB): nearly all
-    of a micro-batch's activations, casts and gradients, each time. Here the top is kept up to 2 GiB
-    (M_TRIM_THRESHOLD), and blocks from 32 MiB up keep their own pages, returned at free (M_MMAP_THRESHOLD;
-    keeping them too, M_MMAP_MAX = 0, made LoRA's peak 1.65x). SmolLM2, bf16, 2 cores: full fine-tuning's step
-    0.90-0.98x, LoRA's 0.94x, peaks +2-5 %. Left alone where the environment tunes glibc's allocator (MALLOC_*,
+def keep_freed_memory(device, params=()):
+    """On a CPU under glibc (Linux): the blocks a micro-batch frees stay with the process for the next one, rather
+    than going back to the kernel, which zero-fills fresh pages at their first touch (on a 2-core VM a fifth to
+    nearly half of the CPU time was the kernel's; README, "Speed on a real model"). glibc's defaults hand the heap's
+    free top back once it passes twice the largest block freed yet (at most 64 MiB), and give every block from 32 MiB
+    up pages of its own, returned at free. Here the top is kept up to 2 GiB (M_TRIM_THRESHOLD), and so are blocks up
+    to the largest trained tensor (M_MMAP_THRESHOLD, at least 32 MiB, at most 1 GiB): its gradient is made afresh
+    every micro-batch (SmolLM2's embedding: 108 MiB, and the 49k-wide logits beside it). Under LoRA that is 32 MiB:
+    keeping every block made LoRA's peak 1.65x. SmolLM2, bf16, 2 cores: full fine-tuning's step 0.74-0.94x of 32 MiB's,
+    itself 0.90-0.98x of glibc's defaults. Left alone where the environment tunes glibc's allocator (MALLOC_*,
     GLIBC_TUNABLES). Returns what it did."""
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return "the allocator's defaults"
@@ -228,10 +229,12 @@ def keep_freed_memory(device):
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl)
         return "the C library's defaults (not glibc)"
+    largest = max((p.numel() * p.element_size() for p in params), default=0)
+    mib = min(max(32, -(-largest // 2**20) + 1), 1024)  # whole MiB above the largest tensor: it stays in the heap
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-    if mallopt(M_MMAP_THRESHOLD, 32 << 20) != 1 or mallopt(M_TRIM_THRESHOLD, (2 << 30) - 1) != 1:
+    if mallopt(M_MMAP_THRESHOLD, mib << 20) != 1 or mallopt(M_TRIM_THRESHOLD, (2 << 30) - 1) != 1:
         return "glibc's defaults (mallopt refused)"
-    return "glibc keeps freed blocks under 32 MiB for reuse (up to 2 GiB)"
+    return f"glibc keeps freed blocks under {mib} MiB for reuse (up to 2 GiB)"
 
 
 def reset_peak_memory(device):
@@ -387,7 +390,6 @@ class Setup:
     master: bool   # rank 0: only it prints, shows the bar and writes files
     log: object    # print on rank 0, nothing on the others
     threads: str   # torch's CPU threads and why (choose_threads)
-    cpu_memory: str  # what glibc's allocator keeps for reuse (keep_freed_memory)
 
 
 def setup(c):
@@ -402,8 +404,7 @@ def setup(c):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     return Setup(rank, world, device, pick_dtype(c["DTYPE"], device), dist_on() and c["DISTRIBUTED"] == "fsdp",
-                 rank == 0, print if rank == 0 else (lambda *a, **k: None), f"{threads} ({why})",
-                 keep_freed_memory(device))
+                 rank == 0, print if rank == 0 else (lambda *a, **k: None), f"{threads} ({why})")
 
 
 @dataclasses.dataclass
@@ -436,8 +437,9 @@ class Run:
         self.trainer, self.kl_ctl, self.score_moments, self.prompts = trainer, kl_ctl, score_moments, prompts
         self.metrics_dir, self.model_dir, self.ckpt_dir = (os.path.join(c["OUTPUT_DIR"], d) for d in
                                                            ("ppo_metrics", "ppo_model", "checkpoints"))
+        cpu_memory = keep_freed_memory(env.device, trainer.params)  # sized by what trains: from here on
         self.about = describe(c, env, sizes, roles, trainer.params, prompts, eval_prompts, self.metrics_dir,
-                              self.model_dir, self.ckpt_dir)
+                              self.model_dir, self.ckpt_dir, cpu_memory)
         self.dashboards = Dashboards(c["REPORT_TO"])  # checks the packages now; opened when writing starts
         self.state = RunState(config={k: c[k] for k in defaults}, kl_coef=kl_ctl.value)
         self.t_session, self.memory = time.perf_counter(), {"loading": peak_memory_mb(env.device)}  # MiB by phase
@@ -690,7 +692,7 @@ def next_prompts(state, prompts, sizes, rank, prompt_rng):
     return [prompts[i] for i in state.order[start:start + per_rank] for _ in range(n)]
 
 
-def describe(c, env, sizes, roles, params, prompts, eval_prompts, metrics_dir, model_dir, ckpt_dir):
+def describe(c, env, sizes, roles, params, prompts, eval_prompts, metrics_dir, model_dir, ckpt_dir, cpu_memory):
     """Print the resolved config, derived sizes, notes and models; return them for config.json and the summary
     ({"derived", "models", "data", "files", "columns"}: the CSV columns of this run)."""
     tok, log = roles.tok, env.log
@@ -699,7 +701,7 @@ def describe(c, env, sizes, roles, params, prompts, eval_prompts, metrics_dir, m
                "PROMPTS_PER_STEP": sizes.rollout // sizes.samples, "world_size": sizes.world,
                "device": str(env.device), "dtype": str(env.dtype).replace("torch.", ""), "REF_MODEL": ref_path,
                "CRITIC_MODEL": roles.critic_path, "threads": env.threads,
-               "cpu_memory": env.cpu_memory}
+               "cpu_memory": cpu_memory}
     log("config:", " ".join(f"{k}={v!r}" for k, v in c.items()))
     log("derived:", " ".join(f"{k}={v}" for k, v in derived.items()))
     log("batch:", describe_sizes(sizes))
