@@ -230,7 +230,9 @@ def keep_freed_memory(device, params=()):
     except (OSError, AttributeError):  # not glibc (musl)
         return "the C library's defaults (not glibc)"
     largest = max((p.numel() * p.element_size() for p in params), default=0)
-    mib = min(max(32, -(-largest // 2**20) + 1), 1024)  # whole MiB above the largest tensor: it stays in the heap
+    # whole MiB above the largest tensor, so that its gradient stays in the heap; at least glibc's own 32 MiB, and at
+    # most 1 GiB, half the 2 GiB top kept below: a larger block freed at the top would be handed back anyway
+    mib = min(max(32, -(-largest // 2**20) + 1), 1024)
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
     if mallopt(M_MMAP_THRESHOLD, mib << 20) != 1 or mallopt(M_TRIM_THRESHOLD, (2 << 30) - 1) != 1:
         return "glibc's defaults (mallopt refused)"
@@ -700,8 +702,7 @@ def describe(c, env, sizes, roles, params, prompts, eval_prompts, metrics_dir, m
     derived = {"ROLLOUT_BATCH": sizes.rollout, "PER_RANK_BATCH": sizes.per_rank,
                "PROMPTS_PER_STEP": sizes.rollout // sizes.samples, "world_size": sizes.world,
                "device": str(env.device), "dtype": str(env.dtype).replace("torch.", ""), "REF_MODEL": ref_path,
-               "CRITIC_MODEL": roles.critic_path, "threads": env.threads,
-               "cpu_memory": cpu_memory}
+               "CRITIC_MODEL": roles.critic_path, "threads": env.threads, "cpu_memory": cpu_memory}
     log("config:", " ".join(f"{k}={v!r}" for k, v in c.items()))
     log("derived:", " ".join(f"{k}={v}" for k, v in derived.items()))
     log("batch:", describe_sizes(sizes))
